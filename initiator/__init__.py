@@ -1,0 +1,1 @@
+"""blockfs's NVMe-over-TCP host: sans-IO codecs and state machines plus a trio shell."""
