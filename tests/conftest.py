@@ -33,6 +33,7 @@ def pytest_sessionstart(session):
         signal.signal(signal.SIGTERM, _sigterm)
 
 
+@pytest.hookimpl(trylast=True)     # after pytest's own teardown of the fixtures
 def pytest_sessionfinish(session, exitstatus):
     for sd in stop_all():
         print("\nconftest: stopped a kernel target left running: %s" % sd)
