@@ -1,0 +1,327 @@
+"""Sans-IO state of one host-side NVMe/TCP queue (admin or I/O): framing plus command slots.
+
+Theory of operation
+-------------------
+A `HostQueue` turns commands into bytes to send and received bytes into events. It never touches
+a socket or a clock. The trio shell (`transport.py`) feeds it and acts on its events.
+
+- Connection set-up: `icreq()` gives the ICReq; the ICResp comes back as an IC_DONE event after
+  the checks of NVMe/TCP 3.6.2.3 (PFV, CPDA, MAXH2CDATA, digest echo).
+- Commands: `alloc_cid()` takes a free command identifier; `command(cid, ...)` returns the list of
+  buffers that carry the CapsuleCmd (header, digest, in-capsule data). A read registers its
+  destination, into which C2HData payloads are streamed (`_framing.PduReceiver` sinks), so no
+  payload is copied twice. A write whose data does not fit in the capsule is answered by R2Ts:
+  each R2T becomes a SEND event with H2CData PDUs no larger than MAXH2CDATA.
+- Completions: a CapsuleResp, or a C2HData with SUCCESS (an implicit CQE when SQ flow control is
+  disabled), becomes a COMPLETION event; the command identifier is then free again. A command
+  whose data digest failed completes with status DIGEST_ERROR_STATUS and its data is not to be used.
+- Errors: a PDU that breaks the rules raises RemoteProtocolError; `term_req(err)` builds the
+  H2CTermReq the host must send before closing (NVMe/TCP 3.6.2.9). A C2HTermReq from the target
+  is a TERM event. Either way the queue is finished; the shell fails all outstanding commands.
+
+Events are plain tuples (kind, ...) for speed: no per-I/O objects.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._framing import HOST_ACCEPTS, PduReceiver
+from ._pdu import (
+    CH, CMD_PDU, DATA_HDR, DDGSTF, DIGEST, HDGSTF, LAST_PDU, RESP_PDU, SUCCESS, build_icreq,
+    build_term_req, data_offset, parse_ic, parse_term_req,
+)
+from ._spec import (
+    NVME_TCP_PFV_1_0, PduType, PSDT_SGL, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK,
+    TermReqFes,
+)
+
+import crc32c as _crc32c
+
+_crc = _crc32c.crc32c
+SGL_DESC = struct.Struct("<QI3xB")
+CID_FIELD = struct.Struct("<H")
+
+# Event kinds
+COMPLETION = 0    # (COMPLETION, cid, status, dw0, dw1)
+SEND = 1          # (SEND, [buffers])  H2CData answering an R2T
+IC_DONE = 2       # (IC_DONE, maxh2cdata, cpda, hdgst, ddgst)
+TERM = 3          # (TERM, fes, fei)  C2HTermReq received
+
+DIGEST_ERROR_STATUS = -1
+# A short C2HData transfer followed by SUCCESS: fail the command with Data Transfer Error.
+_SC_DATA_TRANSFER_ERROR = 0x04 << 1
+
+_C2H = int(PduType.C2H_DATA)
+_RESP = int(PduType.CAPSULE_RESP)
+_R2T = int(PduType.R2T)
+_ICRESP = int(PduType.IC_RESP)
+_CMD = int(PduType.CAPSULE_CMD)
+_H2C = int(PduType.H2C_DATA)
+
+
+class HostQueue:
+    """One host queue's protocol state. `depth` is the number of command slots (CIDs)."""
+
+    def __init__(self, qid: int, depth: int, *, hdgst: bool = False, ddgst: bool = False,
+                 in_capsule_max: int = 8192, maxr2t: int = 0):
+        if not 1 <= depth <= 65535:
+            raise LocalProtocolError("queue depth out of range")
+        self.qid = qid
+        self.depth = depth
+        self.want_hdgst = hdgst
+        self.want_ddgst = ddgst
+        self.hdgst = False
+        self.ddgst = False
+        self.cpda = 0
+        self.maxh2cdata = 0
+        self.maxr2t = maxr2t
+        self.in_capsule_max = in_capsule_max
+        self.rx = PduReceiver(HOST_ACCEPTS)
+        self.rx.sink_resolver = self._resolve_sink
+        # Per-CID state, preallocated (hot path: list indexing, no per-I/O objects).
+        self._free = list(range(depth - 1, -1, -1))
+        self._active = [False] * depth
+        self._rbuf = [None] * depth      # read destination (memoryview) or None
+        self._rxoff = [0] * depth        # bytes of read data received so far
+        self._wdata = [None] * depth     # write data still to be sent by R2T/H2CData
+        self._txoff = [0] * depth        # H2C data offset expected next
+        self._derr = [False] * depth     # data digest failed
+        self._cmdbuf = [bytearray(72 + 4 + 128) for _ in range(depth)]
+        self._cmdmv = [memoryview(b) for b in self._cmdbuf]
+        self._events: list = []
+        self.outstanding = 0
+
+    # -- connection set-up ------------------------------------------------------------------
+    def icreq(self) -> bytes:
+        # NVMe/TCP 3.6.2.2: HPDA 0 (no alignment), digests as wanted, MAXR2T 0's based.
+        return build_icreq(hpda=0, hdgst=self.want_hdgst, ddgst=self.want_ddgst,
+                           maxr2t=self.maxr2t)
+
+    def _on_icresp(self, hdr) -> None:
+        pfv, cpda, hdgst, ddgst, maxh2cdata = parse_ic(hdr)
+        # NVMe/TCP 3.6.2.3: PFV 0 is the only version; CPDA at most 31; MAXH2CDATA at least
+        # 4096 and dword aligned; the digests "shall" be the ones requested.
+        if pfv != NVME_TCP_PFV_1_0:
+            raise RemoteProtocolError(f"ICResp PFV {pfv} unsupported",
+                                      TermReqFes.UNSUPPORTED_PARAMETER, 8, bytes(hdr))
+        if cpda > 31:
+            raise RemoteProtocolError(f"ICResp CPDA {cpda} out of range",
+                                      TermReqFes.INVALID_HEADER_FIELD, 10, bytes(hdr))
+        if maxh2cdata < 4096 or maxh2cdata % 4:
+            raise RemoteProtocolError(f"ICResp MAXH2CDATA {maxh2cdata} invalid",
+                                      TermReqFes.INVALID_HEADER_FIELD, 12, bytes(hdr))
+        if hdgst != self.want_hdgst or ddgst != self.want_ddgst:
+            raise RemoteProtocolError("ICResp digest settings do not echo the ICReq",
+                                      TermReqFes.INVALID_HEADER_FIELD, 11, bytes(hdr))
+        self.cpda, self.maxh2cdata = cpda, maxh2cdata
+        self.hdgst, self.ddgst = hdgst, ddgst
+        self.rx.hdgst, self.rx.ddgst = hdgst, ddgst
+        self.rx.ic_done = True
+        self._events.append((IC_DONE, maxh2cdata, cpda, hdgst, ddgst))
+
+    # -- commands ---------------------------------------------------------------------------
+    def alloc_cid(self) -> int:
+        """A free command identifier, or -1 if every slot is busy."""
+        free = self._free
+        if not free:
+            return -1
+        return free.pop()
+
+    def release_cid(self, cid: int) -> None:
+        """Give back a CID that was allocated but never sent."""
+        if self._active[cid]:
+            raise LocalProtocolError("CID is in flight")
+        self._free.append(cid)
+
+    def command(self, cid: int, opc: int, nsid: int = 0, cdw10: int = 0, cdw11: int = 0,
+                cdw12: int = 0, cdw13: int = 0, cdw14: int = 0, cdw15: int = 0, *,
+                data=None, read_buf=None, cdw2: int = 0, cdw3: int = 0,
+                fabrics_raw=None) -> list:
+        """Encode a command; returns the buffers to send, in order.
+
+        `data`: host-to-controller payload (in-capsule if it fits, else sent on R2T).
+        `read_buf`: writable memoryview that receives controller-to-host data.
+        `fabrics_raw`: a complete 64-byte SQE (Fabrics commands lay out dwords their own way);
+        its CID and SGL are filled in here.
+        """
+        if self._active[cid]:
+            raise LocalProtocolError(f"CID {cid} already in flight")
+        dlen = 0
+        in_capsule = False
+        if data is not None:
+            dlen = len(data)
+            in_capsule = dlen <= self.in_capsule_max
+        elif read_buf is not None:
+            dlen = len(read_buf)
+        buf = self._cmdbuf[cid]
+        hd = 4 if self.hdgst else 0
+        if in_capsule and dlen:
+            pdo = data_offset(72, self.hdgst, self.cpda)
+            dd = 4 if self.ddgst else 0
+            plen = pdo + dlen + dd
+            flags = (HDGSTF if hd else 0) | (DDGSTF if dd else 0)
+        else:
+            pdo = 0
+            plen = 72 + hd
+            flags = HDGSTF if hd else 0
+        sgl_type = SGL_DATA_BLOCK_OFFSET if in_capsule else SGL_TRANSPORT_DATA_BLOCK
+        if fabrics_raw is None:
+            CMD_PDU.pack_into(buf, 0, _CMD, flags, 72, pdo, plen, opc, PSDT_SGL, cid, nsid, cdw2,
+                              cdw3, 0, 0, dlen, sgl_type, cdw10 & 0xFFFFFFFF,
+                              cdw11 & 0xFFFFFFFF, cdw12 & 0xFFFFFFFF, cdw13 & 0xFFFFFFFF,
+                              cdw14 & 0xFFFFFFFF, cdw15 & 0xFFFFFFFF)
+        else:
+            # Fabrics commands lay out their dwords differently; only CID and SGL are ours.
+            CH.pack_into(buf, 0, _CMD, flags, 72, pdo, plen)
+            buf[8:72] = fabrics_raw
+            SGL_DESC.pack_into(buf, 8 + 24, 0, dlen, sgl_type)
+            CID_FIELD.pack_into(buf, 8 + 2, cid)
+        end = 72
+        if hd:
+            DIGEST.pack_into(buf, 72, _crc(self._cmdmv[cid][:72]))
+            end = 76
+        self._active[cid] = True
+        self.outstanding += 1
+        self._rbuf[cid] = read_buf
+        self._rxoff[cid] = 0
+        self._derr[cid] = False
+        if in_capsule and dlen:
+            if pdo > end:
+                buf[end:pdo] = bytes(pdo - end)
+                end = pdo
+            self._wdata[cid] = None
+            if self.ddgst:
+                return [self._cmdmv[cid][:end], data, DIGEST.pack(_crc(data))]
+            return [self._cmdmv[cid][:end], data]
+        self._wdata[cid] = memoryview(data) if (data is not None and dlen) else None
+        self._txoff[cid] = 0
+        return [self._cmdmv[cid][:end]]
+
+    # -- receiving --------------------------------------------------------------------------
+    def buffer(self) -> memoryview:
+        return self.rx.buffer()
+
+    def received(self, n: int) -> None:
+        self.rx.received(n)
+
+    def receive_data(self, data) -> None:
+        self.rx.receive_data(data)
+
+    def _resolve_sink(self, ptype, hdr):
+        # Only C2HData reaches here on the host side (H2CData is not accepted).
+        cid, _ttag, datao, datal = DATA_HDR.unpack_from(hdr, 0)[5:9]
+        if cid >= self.depth or not self._active[cid]:
+            raise RemoteProtocolError(f"C2HData for unknown CID {cid}",
+                                      TermReqFes.INVALID_HEADER_FIELD, 8, bytes(hdr))
+        dest = self._rbuf[cid]
+        # NVMe/TCP 3.6.2.9 / SPDK nvme_tcp.c: DATAO must be the next expected offset and the
+        # transfer must stay inside the command's buffer.
+        if dest is None or datao != self._rxoff[cid] or datao + datal > len(dest):
+            raise RemoteProtocolError(
+                f"C2HData out of range (cid {cid}, datao {datao}, datal {datal})",
+                TermReqFes.DATA_TRANSFER_OUT_OF_RANGE, 12, bytes(hdr))
+        self._rxoff[cid] = datao + datal
+        return dest[datao:datao + datal]
+
+    def next_event(self):
+        """The next event, or None when more bytes are needed. Raises RemoteProtocolError."""
+        ev = self._events
+        if ev:
+            return ev.pop(0)
+        rx = self.rx
+        while True:
+            pdu = rx.next_pdu()
+            if pdu is None:
+                return None
+            ptype, flags, hdr, data, dok = pdu
+            if ptype == _RESP:
+                dw0, dw1, _sqhd, _sqid, cid, status = RESP_PDU.unpack_from(hdr, 0)[5:11]
+                if cid >= self.depth or not self._active[cid]:
+                    raise RemoteProtocolError(f"CapsuleResp for unknown CID {cid}",
+                                              TermReqFes.INVALID_HEADER_FIELD, 20, bytes(hdr))
+                if self._derr[cid] and status & 0xFFFE == 0:
+                    status = DIGEST_ERROR_STATUS
+                self._finish(cid)
+                return (COMPLETION, cid, status & 0xFFFE if status >= 0 else status, dw0, dw1)
+            if ptype == _C2H:
+                cid = DATA_HDR.unpack_from(hdr, 0)[5]
+                if not dok:
+                    self._derr[cid] = True
+                if flags & SUCCESS:
+                    status = 0
+                    if self._derr[cid]:
+                        status = DIGEST_ERROR_STATUS
+                    elif self._rxoff[cid] != len(self._rbuf[cid]):
+                        status = _SC_DATA_TRANSFER_ERROR
+                    self._finish(cid)
+                    return (COMPLETION, cid, status, 0, 0)
+                continue
+            if ptype == _R2T:
+                out = self._on_r2t(hdr)
+                return (SEND, out)
+            if ptype == _ICRESP:
+                self._on_icresp(hdr)
+                return ev.pop(0)
+            # C2HTermReq
+            fes, fei = parse_term_req(hdr)
+            return (TERM, fes, fei)
+
+    def _finish(self, cid: int) -> None:
+        self._active[cid] = False
+        self._rbuf[cid] = None
+        self._wdata[cid] = None
+        self.outstanding -= 1
+        self._free.append(cid)
+
+    def _on_r2t(self, hdr) -> list:
+        cid, ttag, r2to, r2tl = DATA_HDR.unpack_from(hdr, 0)[5:9]
+        data = self._wdata[cid] if cid < self.depth and self._active[cid] else None
+        # NVMe/TCP 3.6.2.10: the R2T must name an outstanding write and ask for data in order,
+        # inside the command's transfer.
+        if data is None:
+            raise RemoteProtocolError(f"R2T for CID {cid} with no data to send",
+                                      TermReqFes.INVALID_HEADER_FIELD, 8, bytes(hdr))
+        if r2tl == 0 or r2to != self._txoff[cid] or r2to + r2tl > len(data):
+            raise RemoteProtocolError(f"R2T out of range (cid {cid}, r2to {r2to}, r2tl {r2tl})",
+                                      TermReqFes.DATA_TRANSFER_OUT_OF_RANGE, 12, bytes(hdr))
+        self._txoff[cid] = r2to + r2tl
+        out = []
+        off = r2to
+        end = r2to + r2tl
+        chunk = self.maxh2cdata
+        hd = 4 if self.hdgst else 0
+        pdo = data_offset(24, self.hdgst, self.cpda)
+        dd = 4 if self.ddgst else 0
+        flags0 = (HDGSTF if hd else 0) | (DDGSTF if dd else 0)
+        while off < end:
+            n = min(chunk, end - off)
+            last = off + n == end
+            h = bytearray(pdo)
+            DATA_HDR.pack_into(h, 0, _H2C, flags0 | (LAST_PDU if last else 0), 24, pdo,
+                               pdo + n + dd, cid, ttag, off, n)
+            if hd:
+                DIGEST.pack_into(h, 24, _crc(memoryview(h)[:24]))
+            payload = data[off:off + n]
+            out.append(h)
+            out.append(payload)
+            if dd:
+                out.append(DIGEST.pack(_crc(payload)))
+            off += n
+        return out
+
+    # -- teardown ---------------------------------------------------------------------------
+    def term_req(self, err: RemoteProtocolError) -> bytes:
+        """The H2CTermReq answering `err` (NVMe/TCP 3.6.2.4): FES, FEI and the offending header."""
+        return build_term_req(PduType.H2C_TERM_REQ, err.fes, err.fei, err.header)
+
+    def active_cids(self) -> list[int]:
+        return [c for c in range(self.depth) if self._active[c]]
+
+    def fail_all(self) -> list[int]:
+        """Forget every outstanding command (the connection is gone); returns their CIDs."""
+        cids = self.active_cids()
+        for c in cids:
+            self._finish(c)
+        return cids
