@@ -11,7 +11,7 @@ Layouts (byte offsets are the specification's):
 - Active Namespace ID list (CNS 02h), Namespace Identification Descriptor list (CNS 03h).
 - Log pages: Error Information (01h), SMART / Health (02h), Changed Namespace List (04h),
   Discovery (70h, NVMe-oF 1.1 Figure 38/39).
-- Connect command data (NVMe-oF 1.1 Figure 20).
+- Dataset Management ranges (NVM Command Set 1.0 Figure 39).
 - Asynchronous Event Request completion dword 0 (Base 5.2.1).
 
 Does not: send anything, validate semantic consistency (e.g. FLBAS against NLBAF), or know which
@@ -32,7 +32,6 @@ CHANGED_NS_LIST_MAX = 1024
 CHANGED_NS_OVERFLOW = 0xFFFFFFFF
 DISCOVERY_HEADER_SIZE = 1024
 DISCOVERY_ENTRY_SIZE = 1024
-CONNECT_DATA_SIZE = 1024
 
 # Identify Controller CNTRLTYPE (Base 2.0: 111).
 CNTRLTYPE_IO = 1
@@ -601,29 +600,10 @@ def parse_discovery_log(b) -> tuple[DiscoveryLogHeader, list[DiscoveryLogEntry]]
 
 
 # ---------------------------------------------------------------------------------------------
-# Connect command data (NVMe-oF 1.1 Figure 20)
+# Dataset Management range (NVM Command Set 1.0 Figure 39). Connect data lives in _fabrics.py.
 
-@dataclass(slots=True)
-class ConnectData:
-    hostid: bytes = bytes(16)
-    cntlid: int = 0xFFFF
-    subnqn: str = ""
-    hostnqn: str = ""
-
-    FIELDS: ClassVar[tuple] = (("hostid", 0, "r16"), ("cntlid", 16, "H"),
-                               ("subnqn", 256, "z256"), ("hostnqn", 512, "z256"))
-    SUBNQN_OFFSET: ClassVar[int] = 256
-    HOSTNQN_OFFSET: ClassVar[int] = 512
-
-    @classmethod
-    def from_bytes(cls, b) -> "ConnectData":
-        _need(b, CONNECT_DATA_SIZE, "Connect data")
-        return cls(**_unpack_fields(b, cls.FIELDS))
-
-    def to_bytes(self) -> bytes:
-        buf = bytearray(CONNECT_DATA_SIZE)
-        _pack_fields(buf, self.FIELDS, self)
-        return bytes(buf)
+DSM_RANGE = struct.Struct("<IIQ")     # context attributes, length in logical blocks, starting LBA
+assert DSM_RANGE.size == 16
 
 
 # ---------------------------------------------------------------------------------------------
