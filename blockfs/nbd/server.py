@@ -1,0 +1,459 @@
+"""trio shell of the NBD server: sockets, tasks and bdev I/O around the sans-IO `_protocol`.
+
+Exports every bdev of a `BdevRegistry` by name on a TCP port.  It does not parse or build wire
+bytes itself (that is `_protocol`), and it does not decide what a bdev is (that is `bdev/`).
+
+Per connection:
+- negotiation: `ServerHandshake` events answered from the registry; the export's size and flags
+  are read when the client asks (NBD_OPT_INFO/GO), so a resized bdev shows its new size to new
+  connections; GO opens a descriptor whose "remove" event closes the connection.
+- transmission: one reader task (`recv_into` straight into the `RequestReader` buffer, every
+  buffered request parsed per wakeup), one task per request (replies go out of order), and one
+  writer task that sends every reply queued since it last ran with a single `sendmsg` (the only
+  task that writes to the socket, so it doubles as the send lock).  The reader stops reading
+  while MAX_INFLIGHT requests or INFLIGHT_BYTES of payload are unanswered.
+- BdevError -> NBD error at one place (`_execute`), via `_protocol.nbd_errno`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from bdev._base import BdevError, IoType
+
+from ._protocol import (
+    MAX_BLOCK,
+    NEED_DATA,
+    Opt,
+    Closed,
+    ExportInfo,
+    ExportRequest,
+    ListExports,
+    Negotiated,
+    ProtocolError,
+    RemoteProtocolError,
+    Rep,
+    RequestReader,
+    ServerHandshake,
+    TransmissionFlag,
+    error_chunk,
+    export_flags,
+    nbd_errno,
+    none_chunk,
+    read_chunk_header,
+    simple_reply,
+    validate_request,
+)
+
+__all__ = ["serve_nbd", "NbdServer"]
+
+log = logging.getLogger(__name__)
+
+#: A client must finish negotiating within this many seconds.
+HANDSHAKE_TIMEOUT = 30.0
+#: Requests received but not yet answered, per connection, before the reader pauses.
+MAX_INFLIGHT = 256
+#: READ/WRITE bytes received or to be sent, per connection, before the reader pauses.
+INFLIGHT_BYTES = 64 * 1024 * 1024
+#: Buffers per sendmsg() call (IOV_MAX is 1024 on Linux).
+_IOV_BATCH = 512
+
+_CMD_READ, _CMD_WRITE, _CMD_DISC, _CMD_FLUSH, _CMD_TRIM, _CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
+_FLAG_FUA = 1
+
+
+async def serve_nbd(
+    registry: Any,
+    host: str | None,
+    port: int,
+    *,
+    read_only: bool = False,
+    default_export: str | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve every bdev of *registry* over NBD on *host*:*port* until cancelled.
+
+    Args:
+        registry: the process's `BdevRegistry`; exports are its bdevs, by name.
+        host: address to bind (e.g. "127.0.0.1").
+        port: TCP port, 0 for any free one.
+        read_only: export everything read-only (writes fail with EPERM).
+        default_export: bdev served for the empty export name (default: the first registered).
+        task_status: receives the bound port (``port = await nursery.start(serve_nbd, ...)``).
+
+    On cancellation every connection is closed (in-flight requests are abandoned).
+    """
+    server = NbdServer(registry, read_only=read_only, default_export=default_export)
+    await server.serve(host, port, task_status=task_status)
+
+
+class NbdServer:
+    """The registry-facing half: which exports exist and what each looks like."""
+
+    def __init__(
+        self, registry: Any, *, read_only: bool = False, default_export: str | None = None
+    ) -> None:
+        self.registry = registry
+        self.read_only = read_only
+        self.default_export = default_export
+
+    async def serve(
+        self,
+        host: str | None,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            bound = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                log.info("NBD server listening on %s port %d", host, bound)
+                task_status.started(bound)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    # -- exports ---------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> Any | None:
+        """The bdev exported as *name* ("" = the default export), or None."""
+        if not name:
+            if self.default_export is not None:
+                name = self.default_export
+            else:
+                bdevs = self.registry.bdevs()
+                return bdevs[0] if bdevs else None
+        return self.registry.get(name)
+
+    def export_info(self, bdev: Any) -> ExportInfo:
+        """Describe *bdev* as it is now (size read at negotiation time)."""
+        supported = bdev.io_type_supported
+        read_only = self.read_only or bool(bdev.read_only)
+        flags = export_flags(
+            read_only=read_only,
+            flush=True,  # a flush the bdev does not need is a no-op that succeeds
+            fua=True,  # the bdev honours fua=True (natively or by flushing)
+            trim=supported(IoType.UNMAP),
+            write_zeroes=True,  # the byte API writes zeroes itself when the bdev cannot
+            multi_conn=True,  # no cache here: flush/FUA go to the device for every connection
+        )
+        block_size = bdev.block_size
+        # Minimum 1: unaligned I/O is done server-side by the bdev byte API's read-modify-write
+        # under its block-range lock, which stays correct across connections (a client-side RMW
+        # over several connections would not).  Preferred: the block size (at least 4 KiB).
+        return ExportInfo(
+            name=bdev.name,
+            size=bdev.size,
+            flags=flags,
+            description=str(getattr(bdev, "product_name", "") or ""),
+            min_block=1,
+            preferred_block=max(4096, block_size),
+            max_block=MAX_BLOCK,
+        )
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        return [
+            (b.name, str(getattr(b, "product_name", "") or "")) for b in self.registry.bdevs()
+        ]
+
+    # -- connections -----------------------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            peer = "?"
+        conn: _Transmission | None = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                conn = await self._negotiate(stream)
+            if conn is not None:
+                log.debug("NBD %s: transmission on %s", peer, conn.bdev.name)
+                await conn.run()
+        except trio.TooSlowError:
+            log.info("NBD %s: negotiation timed out", peer)
+        except ProtocolError as exc:
+            log.info("NBD %s: protocol error: %s", peer, exc)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("NBD %s: connection lost: %r", peer, exc)
+        except Exception:
+            # The edge of one connection: a bug here must not take down the other connections.
+            log.exception("NBD %s: connection failed", peer)
+        finally:
+            if conn is not None:
+                conn.close()
+            await trio.aclose_forcefully(stream)
+
+    async def _negotiate(self, stream: trio.SocketStream) -> _Transmission | None:
+        hs = ServerHandshake()
+        conn: _Transmission | None = None
+        try:
+            await stream.send_all(hs.data_to_send())
+            while True:
+                try:
+                    event = hs.next_event()
+                except RemoteProtocolError:
+                    out = hs.data_to_send()
+                    if out:
+                        await stream.send_all(out)
+                    raise
+                if event is NEED_DATA:
+                    out = hs.data_to_send()
+                    if out:
+                        await stream.send_all(out)
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return None
+                    hs.receive_data(data)
+                    continue
+                if isinstance(event, ListExports):
+                    hs.reply_list(self.list_exports())
+                elif isinstance(event, ExportRequest):
+                    conn = self._answer_export(hs, event, stream)
+                elif isinstance(event, Negotiated):
+                    await stream.send_all(hs.data_to_send())
+                    assert conn is not None
+                    conn.start(event, hs.trailing_data())
+                    result, conn = conn, None
+                    return result
+                elif isinstance(event, Closed):
+                    out = hs.data_to_send()
+                    if out:
+                        await stream.send_all(out)
+                    log.debug("NBD negotiation closed: %s", event.reason)
+                    return None
+                out = hs.data_to_send()
+                if out:
+                    await stream.send_all(out)
+        finally:
+            if conn is not None:  # opened for a GO that did not complete
+                conn.close()
+
+    def _answer_export(
+        self, hs: ServerHandshake, request: ExportRequest, stream: trio.SocketStream
+    ) -> _Transmission | None:
+        bdev = self.lookup(request.name)
+        if bdev is None or bdev.removed:
+            what = repr(request.name) if request.name else "default export"
+            hs.reply_export(None, error=Rep.ERR_UNKNOWN, message=f"no such export: {what}")
+            return None
+        info = self.export_info(bdev)
+        if request.option is Opt.INFO:
+            hs.reply_export(info)
+            return None
+        # GO / EXPORT_NAME: open the bdev now, so that a failure can still be reported.
+        try:
+            conn = _Transmission(stream, bdev, info)
+        except BdevError as exc:
+            hs.reply_export(None, error=Rep.ERR_UNKNOWN, message=f"cannot open: {exc}")
+            return None
+        hs.reply_export(info)
+        return conn
+
+
+class _Transmission:
+    """One connection in the transmission phase."""
+
+    def __init__(self, stream: trio.SocketStream, bdev: Any, info: ExportInfo) -> None:
+        self.stream = stream
+        self.sock = stream.socket
+        self.bdev = bdev
+        self.info = info
+        self.size = info.size
+        self.tflags = info.flags
+        self.max_block = info.max_block
+        self.structured = False
+        self.reader = RequestReader(max_block=info.max_block)
+        self._scope: trio.CancelScope | None = None
+        self._removed = False
+        self._closed = False
+        self._desc = bdev.open(self._on_event, write=not info.flags & TransmissionFlag.READ_ONLY)
+        try:
+            self.ch = bdev.get_io_channel()
+        except BaseException:
+            self._desc.close()
+            raise
+        # Outgoing replies (writer task) and flow control (reader task).
+        self._out: list[Any] = []
+        self._out_replies = 0
+        self._out_cost = 0
+        self._inflight = 0
+        self._inflight_bytes = 0
+        self._closing = False
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._reader_lot = trio.lowlevel.ParkingLot()
+
+    def start(self, negotiated: Negotiated, trailing: bytes) -> None:
+        self.structured = negotiated.structured_replies
+        if trailing:
+            self.reader.receive_data(trailing)
+
+    def _on_event(self, event: Any) -> None:
+        # Called synchronously by the bdev; must not block.
+        if getattr(event, "type", None) == "remove":
+            self._removed = True
+            if self._scope is not None:
+                self._scope.cancel()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.ch.close()
+        finally:
+            self._desc.close()
+
+    async def run(self) -> None:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            if self._removed:
+                scope.cancel()
+            async with trio.open_nursery() as top:
+                top.start_soon(self._writer)
+                try:
+                    async with trio.open_nursery() as requests:
+                        await self._read_loop(requests)
+                finally:
+                    # Every request has been answered (or cancelled): let the writer drain.
+                    self._closing = True
+                    self._writer_lot.unpark_all()
+        if self._removed:
+            log.info("NBD: export %s was removed; connection closed", self.bdev.name)
+
+    # -- reader ----------------------------------------------------------------------------
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        reader = self.reader
+        sock = self.sock
+        lot = self._reader_lot
+        size, tflags, max_block = self.size, self.tflags, self.max_block
+        execute = self._execute
+        while True:
+            while self._inflight >= MAX_INFLIGHT or self._inflight_bytes >= INFLIGHT_BYTES:
+                await lot.park()
+            try:
+                req = reader.next_request()
+            except RemoteProtocolError as exc:
+                # Framing is lost: answer what is in flight, then hang up.
+                log.info("NBD: %s; closing", exc)
+                return
+            if req is NEED_DATA:
+                try:
+                    n = await sock.recv_into(reader.get_buffer())
+                except OSError as exc:
+                    log.debug("NBD: receive failed: %r", exc)
+                    return
+                if not n:
+                    return  # client hung up without NBD_CMD_DISC
+                reader.commit(n)
+                continue
+            cmd, flags, handle, offset, length, payload = req
+            if cmd == _CMD_DISC:
+                return  # soft disconnect: answer outstanding requests, then close
+            cost = length if cmd == _CMD_READ or cmd == _CMD_WRITE else 0
+            self._inflight += 1
+            self._inflight_bytes += cost
+            err = validate_request(cmd, flags, offset, length, size, tflags, max_block)
+            if err:
+                self._queue_error(handle, cmd, err, "invalid request", cost)
+                continue
+            nursery.start_soon(execute, cmd, flags, handle, offset, length, payload, cost)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _execute(
+        self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: Any, cost: int
+    ) -> None:
+        ch = self.ch
+        try:
+            if cmd == _CMD_READ:
+                if not length:
+                    self._queue([none_chunk(handle) if self.structured else simple_reply(handle)], 0)
+                    return
+                data = await ch.read(offset, length)
+                if self.structured:
+                    self._queue([read_chunk_header(handle, offset, length), data], cost)
+                else:
+                    self._queue([simple_reply(handle), data], cost)
+                return
+            if cmd == _CMD_WRITE:
+                if length:
+                    await ch.write(offset, payload, fua=bool(flags & _FLAG_FUA))
+            elif cmd == _CMD_FLUSH:
+                await ch.flush()
+            elif cmd == _CMD_TRIM:
+                if length:
+                    await ch.unmap(offset, length)
+                    if flags & _FLAG_FUA:
+                        await ch.flush()
+            else:  # _CMD_WRITE_ZEROES (validate_request let nothing else through)
+                # With or without NO_HOLE: write_zeroes reads back as zeroes and does not
+                # deallocate, which satisfies NO_HOLE and is allowed without it.
+                if length:
+                    await ch.write_zeroes(offset, length)
+                    if flags & _FLAG_FUA:
+                        await ch.flush()
+        except BdevError as exc:
+            self._queue_error(handle, cmd, nbd_errno(exc.errno), str(exc), cost)
+            return
+        self._queue([simple_reply(handle)], cost)
+
+    def _queue_error(self, handle: int, cmd: int, err: int, message: str, cost: int) -> None:
+        if self.structured:
+            self._queue([error_chunk(handle, err, message)], cost)
+        else:
+            self._queue([simple_reply(handle, err)], cost)
+
+    def _queue(self, buffers: list[Any], cost: int) -> None:
+        self._out += buffers
+        self._out_replies += 1
+        self._out_cost += cost
+        if self._writer_lot:
+            self._writer_lot.unpark()
+
+    # -- writer ----------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        lot = self._writer_lot
+        while True:
+            if not self._out:
+                if self._closing:
+                    return
+                await lot.park()
+                continue
+            buffers, self._out = self._out, []
+            replies, self._out_replies = self._out_replies, 0
+            cost, self._out_cost = self._out_cost, 0
+            try:
+                await self._send_all(buffers)
+            except OSError as exc:
+                log.debug("NBD: send failed: %r", exc)
+                if self._scope is not None:
+                    self._scope.cancel()
+                return
+            self._inflight -= replies
+            self._inflight_bytes -= cost
+            if self._reader_lot:
+                self._reader_lot.unpark_all()
+
+    async def _send_all(self, buffers: list[Any]) -> None:
+        sock = self.sock
+        while buffers:
+            batch = buffers[:_IOV_BATCH]
+            sent = await sock.sendmsg(batch)
+            i = 0
+            for buf in batch:
+                n = len(buf)
+                if sent < n:
+                    break
+                sent -= n
+                i += 1
+            if i < len(batch) and sent:
+                batch[i] = memoryview(batch[i])[sent:]
+            buffers = batch[i:] + buffers[_IOV_BATCH:]
