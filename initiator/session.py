@@ -1,0 +1,386 @@
+"""A controller that stays: connect, watch, reset and reconnect, rescan namespaces.
+
+`Session` is what the bdev layer holds (SPDK's bdev_nvme `nvme_ctrlr`): it owns the current
+`Controller` and replaces it when the connection is lost, following SPDK's reset path and the
+kernel's defaults: tear down the queues, reconnect the admin queue, re-run bring-up, re-create the
+I/O queues; retry every `reconnect_delay` until `ctrl_loss_tmo` (-1: forever).
+
+I/O issued through a Session survives an outage: a command that fails with a transport error (the
+connection died under it, or it timed out and the controller was reset) is resubmitted on the new
+connection once the controller is live again. Reads and writes of whole LBA ranges are idempotent,
+so callers see neither an error nor a duplicate completion. Only after ctrl_loss_tmo (or
+fast_io_fail_tmo, if set) do callers get `ControllerUnavailable`.
+
+Namespaces are re-identified after every (re)connect, on a Namespace Attribute Changed event (the
+Changed Namespace List log is read first: that re-arms nvmet's notices), and every
+`rescan_interval` seconds as a backstop; differences reach `on_namespace(kind, nsid, info)` with
+kind "add", "resize", "remove" (in that order per namespace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import uuid as _uuid
+from typing import Callable
+
+import trio
+
+from ._errors import CommandTimeout, DigestError, NvmeError, NvmeStatusError, TransportError
+from ._init import InitError
+from ._spec import AsyncEventType, Cns, LogPage, NoticeInfo
+from .controller import AsyncEvent, Controller, ControllerOptions, open_controller
+
+log = logging.getLogger(__name__)
+
+
+class CtrlState(enum.Enum):
+    CONNECTING = "connecting"
+    LIVE = "live"
+    RESETTING = "resetting"
+    FAILED = "failed"
+    DELETING = "deleting"
+
+
+class ControllerUnavailable(TransportError):
+    """The controller could not be reached within ctrl-loss-tmo (or fast-io-fail-tmo)."""
+
+
+@dataclasses.dataclass(slots=True)
+class ReconnectPolicy:
+    reconnect_delay: float = 10.0     # -c (kernel NVMF_DEF_RECONNECT_DELAY)
+    ctrl_loss_tmo: float = 600.0      # -l (kernel default); -1 = forever
+    fast_io_fail_tmo: float = -1.0    # off, like the kernel
+
+    def __post_init__(self):
+        if self.reconnect_delay <= 0:
+            raise ValueError("reconnect delay must be positive")
+        if 0 <= self.ctrl_loss_tmo < self.reconnect_delay:
+            raise ValueError("ctrl-loss-tmo must be at least reconnect-delay (or -1)")
+
+
+@dataclasses.dataclass(slots=True)
+class NamespaceInfo:
+    nsid: int
+    block_size: int
+    num_blocks: int
+    nguid: str | None = None
+    eui64: str | None = None
+    uuid: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.block_size * self.num_blocks
+
+
+def _hex_or_none(b) -> str | None:
+    return bytes(b).hex() if b and any(b) else None
+
+
+def _ns_info(nsid: int, ident, descs: dict | None) -> NamespaceInfo:
+    """Identify Namespace + NS ID descriptors (Base 5.17.2.3) -> NamespaceInfo."""
+    from . import _structs as st
+    descs = descs or {}
+    uuid = descs.get(st.NIDT_UUID)
+    return NamespaceInfo(
+        nsid=nsid, block_size=ident.block_size, num_blocks=ident.nsze,
+        nguid=_hex_or_none(descs.get(st.NIDT_NGUID) or ident.nguid),
+        eui64=_hex_or_none(descs.get(st.NIDT_EUI64) or ident.eui64),
+        uuid=str(_uuid.UUID(bytes=bytes(uuid))) if uuid and any(uuid) else None)
+
+
+class Session:
+    def __init__(self, host: str, port: int, subnqn: str, opts: ControllerOptions | None = None,
+                 policy: ReconnectPolicy | None = None, *, name: str = "nvme0",
+                 rescan_interval: float = 60.0):
+        self.host = host
+        self.port = port
+        self.subnqn = subnqn
+        self.opts = opts or ControllerOptions()
+        self.policy = policy or ReconnectPolicy()
+        self.name = name
+        self.rescan_interval = rescan_interval
+        self.state = CtrlState.CONNECTING
+        self.ctrl: Controller | None = None
+        self.namespaces: dict[int, NamespaceInfo] = {}
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self.events_seen: list[str] = []
+        self.on_namespace: Callable[[str, int, NamespaceInfo], None] | None = None
+        self.on_state: Callable[[CtrlState, str | None], None] | None = None
+        self.on_async_event: Callable[[AsyncEvent], None] | None = None
+        self._live = trio.Event()
+        self._io_fail = False
+        self._rescan_wanted = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._stop = trio.Event()
+        self._done = trio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Connect for the first time (errors propagate: a wrong address fails fast), then keep
+        the controller alive in the background."""
+        self._nursery = nursery
+        await nursery.start(self._supervise)
+
+    async def aclose(self) -> None:
+        """Shut the controller down cleanly (CC.SHN, Disconnect) and stop reconnecting."""
+        self._set_state(CtrlState.DELETING)
+        self._stop.set()
+        self._live.set()     # wake waiters: they see DELETING and fail
+        await self._done.wait()
+
+    def _set_state(self, state: CtrlState, reason: str | None = None) -> None:
+        if self.state is state:
+            return
+        self.state = state
+        if reason:
+            self.last_error = reason
+        log.info("%s: %s%s", self.name, state.value, f" ({reason})" if reason else "")
+        if self.on_state is not None:
+            self.on_state(state, reason)
+
+    async def _supervise(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        first = True
+        lost_at = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    async with open_controller(self.host, self.port, self.subnqn, self.opts) as c:
+                        self.ctrl = c
+                        c.on_async_event = self._on_aen
+                        self._update_namespaces(c, from_init=True)
+                        if not first:
+                            self.reconnects += 1
+                        self._io_fail = False
+                        lost_at = None
+                        self._set_state(CtrlState.LIVE)
+                        self._live.set()
+                        if first:
+                            first = False
+                            task_status.started()
+                        async with trio.open_nursery() as n:
+                            n.start_soon(self._rescanner, c)
+                            lost = trio.Event()
+
+                            async def wait_lost():
+                                reason = await c.wait_lost()
+                                self.last_error = str(reason)
+                                lost.set()
+                            n.start_soon(wait_lost)
+                            stop_or_lost = trio.Event()
+
+                            async def wait_stop():
+                                await self._stop.wait()
+                                stop_or_lost.set()
+
+                            async def wait_l():
+                                await lost.wait()
+                                stop_or_lost.set()
+                            n.start_soon(wait_stop)
+                            n.start_soon(wait_l)
+                            await stop_or_lost.wait()
+                            n.cancel_scope.cancel()
+                        if self._stop.is_set():
+                            break     # open_controller's exit shuts the controller down
+                except (TransportError, NvmeError, InitError, OSError) as e:
+                    if first:
+                        raise
+                    self.last_error = str(e)
+                self.ctrl = None
+                if self._stop.is_set():
+                    break
+                self._live = trio.Event()
+                now = trio.current_time()
+                if lost_at is None:
+                    lost_at = now
+                    self._set_state(CtrlState.RESETTING, self.last_error)
+                pol = self.policy
+                if pol.fast_io_fail_tmo >= 0 and now - lost_at >= pol.fast_io_fail_tmo:
+                    self._io_fail = True
+                    self._live.set()
+                    self._live = trio.Event()
+                if pol.ctrl_loss_tmo >= 0 and now - lost_at >= pol.ctrl_loss_tmo:
+                    self._set_state(CtrlState.FAILED, f"not reconnected within ctrl-loss-tmo "
+                                    f"({pol.ctrl_loss_tmo:g} s): {self.last_error}")
+                    self._live.set()
+                    break
+                delay = pol.reconnect_delay
+                if pol.ctrl_loss_tmo >= 0:
+                    delay = min(delay, max(lost_at + pol.ctrl_loss_tmo - now, 0.0))
+                if pol.fast_io_fail_tmo >= 0 and not self._io_fail:
+                    delay = min(delay, max(lost_at + pol.fast_io_fail_tmo - now, 0.0))
+                with trio.move_on_after(delay):
+                    await self._stop.wait()
+        finally:
+            self.ctrl = None
+            if self.state is not CtrlState.FAILED:
+                self._set_state(CtrlState.DELETING)
+            self._live.set()
+            self._done.set()
+
+    # -- I/O that rides out outages ---------------------------------------------------------
+    async def _live_ctrl(self) -> Controller:
+        while True:
+            c = self.ctrl
+            if c is not None and self.state is CtrlState.LIVE and not c.lost:
+                return c
+            if self.state in (CtrlState.FAILED, CtrlState.DELETING):
+                raise ControllerUnavailable(f"{self.name}: controller {self.state.value}"
+                                            + (f": {self.last_error}" if self.last_error else ""))
+            if self._io_fail:
+                raise ControllerUnavailable(f"{self.name}: fast-io-fail-tmo expired while "
+                                            f"reconnecting: {self.last_error}")
+            await self._live.wait()
+            if c is not None and c is self.ctrl and c.lost:
+                await trio.sleep(0)   # the supervisor has not noticed yet; let it run
+
+    async def _retry(self, fn, *args, **kw):
+        digest_retries = 3
+        while True:
+            c = await self._live_ctrl()
+            try:
+                return await fn(c, *args, **kw)
+            except DigestError:
+                digest_retries -= 1
+                if digest_retries < 0:
+                    raise
+            except TransportError:
+                if c.lost or self.ctrl is not c or self.state is not CtrlState.LIVE:
+                    continue     # resubmit on the next connection
+                # The queue died but the controller did not notice yet: wait for it to.
+                with trio.move_on_after(self.opts.keep_alive_tmo or 5.0):
+                    await c.wait_lost()
+                if not c.lost:
+                    raise
+
+    async def read(self, nsid: int, slba: int, nlb: int, buf, qhint: int = 0) -> None:
+        await self._retry(_read, nsid, slba, nlb, buf, qhint)
+
+    async def write(self, nsid: int, slba: int, nlb: int, data, qhint: int = 0, *,
+                    fua: bool = False) -> None:
+        await self._retry(_write, nsid, slba, nlb, data, qhint, fua)
+
+    async def flush(self, nsid: int, qhint: int = 0) -> None:
+        await self._retry(lambda c: c.flush(nsid, qhint % len(c.io_queues)))
+
+    async def write_zeroes(self, nsid: int, slba: int, nlb: int, qhint: int = 0) -> None:
+        await self._retry(lambda c: c.write_zeroes(nsid, slba, nlb, qhint % len(c.io_queues)))
+
+    async def deallocate(self, nsid: int, ranges, qhint: int = 0) -> None:
+        await self._retry(lambda c: c.deallocate(nsid, ranges, qhint % len(c.io_queues)))
+
+    async def admin(self, fn):
+        """Run `await fn(controller)` on the live controller (admin commands, logs)."""
+        return await self._retry(fn)
+
+    @property
+    def nr_io_queues(self) -> int:
+        c = self.ctrl
+        return len(c.io_queues) if c is not None and c.io_queues else self.opts.nr_io_queues
+
+    @property
+    def max_transfer(self) -> int:
+        c = self.ctrl
+        return c.max_transfer if c is not None else 0
+
+    # -- namespaces -------------------------------------------------------------------------
+    def _on_aen(self, ev: AsyncEvent) -> None:
+        self.events_seen.append(f"type={ev.type} info=0x{ev.info:02x} log=0x{ev.log_page:02x}")
+        if ev.type == AsyncEventType.NOTICE and ev.info == NoticeInfo.NS_ATTR_CHANGED:
+            self._rescan_wanted.set()
+        if self.on_async_event is not None:
+            self.on_async_event(ev)
+
+    def request_rescan(self) -> None:
+        self._rescan_wanted.set()
+
+    async def _rescanner(self, c: Controller) -> None:
+        while True:
+            if self.rescan_interval > 0:
+                with trio.move_on_after(self.rescan_interval):
+                    await self._rescan_wanted.wait()
+            else:
+                await self._rescan_wanted.wait()
+            self._rescan_wanted = trio.Event()
+            try:
+                await self.rescan(c)
+            except (TransportError, NvmeError) as e:
+                log.warning("%s: namespace rescan failed: %s", self.name, e)
+
+    async def rescan(self, c: Controller | None = None) -> None:
+        """Kernel nvme_scan_work: clear the changed-NS log (re-arms the notice), then re-identify
+        the active namespaces and diff them against the known set."""
+        c = c or await self._live_ctrl()
+        try:
+            await c.changed_ns_list()
+        except NvmeStatusError as e:
+            log.info("%s: changed namespace list unavailable: %s", self.name, e)
+        from . import _structs as st
+        active = await c.active_namespaces()
+        found: dict[int, NamespaceInfo] = {}
+        for nsid in active:
+            try:
+                ident = await c.identify_namespace(nsid)
+                try:
+                    descs = st.parse_ns_descriptors(await c.identify(Cns.NS_ID_DESCRIPTORS, nsid))
+                except NvmeStatusError:
+                    descs = {}
+            except NvmeStatusError:
+                continue
+            if ident.nsze == 0:
+                continue
+            found[nsid] = _ns_info(nsid, ident, descs)
+        self._apply(found)
+
+    def _update_namespaces(self, c: Controller, from_init: bool) -> None:
+        found = {nsid: _ns_info(nsid, ident, c.ns_descs.get(nsid))
+                 for nsid, ident in c.namespaces.items() if ident.nsze}
+        self._apply(found)
+
+    def _apply(self, found: dict[int, NamespaceInfo]) -> None:
+        old = self.namespaces
+        events = diff_namespaces(old, found)
+        self.namespaces = found
+        cb = self.on_namespace
+        for kind, nsid in events:
+            log.info("%s: namespace %d %s", self.name, nsid, kind)
+            if cb is not None:
+                cb(kind, nsid, found.get(nsid) or old.get(nsid))
+
+    def statistics(self) -> dict:
+        c = self.ctrl
+        return {"name": self.name, "state": self.state.value, "subnqn": self.subnqn,
+                "address": f"{self.host}:{self.port}", "reconnects": self.reconnects,
+                "last_error": self.last_error, "async_events": list(self.events_seen[-20:]),
+                "controller": c.statistics() if c is not None else None}
+
+
+def diff_namespaces(old: dict, new: dict) -> list[tuple[str, int]]:
+    """Events turning `old` into `new`: remove (gone, or identity changed), add, resize."""
+    events = []
+    for nsid in sorted(old):
+        o, n = old[nsid], new.get(nsid)
+        if n is None or _identity(o) != _identity(n):
+            events.append(("remove", nsid))
+    for nsid in sorted(new):
+        o, n = old.get(nsid), new[nsid]
+        if o is None or _identity(o) != _identity(n):
+            events.append(("add", nsid))
+        elif o.num_blocks != n.num_blocks:
+            events.append(("resize", nsid))
+    return events
+
+
+def _identity(ns: NamespaceInfo) -> tuple:
+    # A namespace whose NGUID/UUID/EUI64 or LBA size changed is a different namespace.
+    return (ns.block_size, ns.nguid, ns.uuid, ns.eui64)
+
+
+async def _read(c: Controller, nsid, slba, nlb, buf, qhint):
+    await c.read(nsid, slba, nlb, buf, qhint % len(c.io_queues))
+
+
+async def _write(c: Controller, nsid, slba, nlb, data, qhint, fua):
+    await c.write(nsid, slba, nlb, data, qhint % len(c.io_queues), fua=fua)
