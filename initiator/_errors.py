@@ -38,7 +38,8 @@ class NvmeStatusError(NvmeError):
     """A completion with non-zero status (Base 4.2.3: Status Field)."""
 
     def __init__(self, sct: int, sc: int, dnr: bool = False, more: bool = False,
-                 crd: int = 0, opcode: int | None = None, cid: int | None = None):
+                 crd: int = 0, opcode: int | None = None, cid: int | None = None,
+                 context: str = ""):
         self.sct = sct
         self.sc = sc
         self.dnr = dnr
@@ -46,9 +47,10 @@ class NvmeStatusError(NvmeError):
         self.crd = crd
         self.opcode = opcode
         self.cid = cid
-        self.name = status_name(sct, sc)
+        self.name = status_name(sct, sc, opcode)
         op = f" opcode 0x{opcode:02x}" if opcode is not None else ""
-        super().__init__(f"NVMe status {self.name} (sct 0x{sct:x}, sc 0x{sc:02x}"
+        prefix = f"{context}: " if context else ""
+        super().__init__(f"{prefix}NVMe status {self.name} (sct 0x{sct:x}, sc 0x{sc:02x}"
                          f"{', dnr' if dnr else ''}){op}")
 
     @classmethod

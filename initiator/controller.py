@@ -165,6 +165,14 @@ class Controller:
             q.close("connect timed out")
             raise CommandTimeout(f"Connect on queue {qid} got no answer within "
                                  f"{o.connect_timeout:g} s") from None
+        except NvmeStatusError as e:
+            q.close("connect failed")
+            hint = ""
+            if e.sct == 1 and e.sc in (0x82, 0x84):
+                hint = " (unknown subsystem NQN, or this host NQN is not allowed)"
+            raise NvmeStatusError(e.sct, e.sc, e.dnr, opcode=e.opcode, cid=e.cid,
+                                  context=f"Connect to {self.subnqn} at {self.host}:{self.port} "
+                                          f"refused{hint}") from None
         except BaseException:
             q.close("connect failed")
             raise

@@ -133,7 +133,9 @@ class NbdServer:
     def export_info(self, bdev: Any) -> ExportInfo:
         """Describe *bdev* as it is now (size read at negotiation time)."""
         supported = bdev.io_type_supported
-        read_only = self.read_only or bool(bdev.read_only)
+        # A bdev claimed by a module (SPDK-style) cannot be opened for writing: export it
+        # read-only rather than refuse it.
+        read_only = self.read_only or bool(bdev.read_only) or bdev.claimed_by is not None
         flags = export_flags(
             read_only=read_only,
             flush=True,  # a flush the bdev does not need is a no-op that succeeds

@@ -1,0 +1,127 @@
+"""The control socket: newline-delimited JSON-RPC 2.0 over a unix stream socket (mode 0600).
+
+Server: `serve_control(path, methods)` where `methods` maps a method name to an async function
+taking the params dict. Client: `call(path, method, params)` (blocking, for the CLI).
+In the spirit of SPDK's RPC socket; not a network service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from typing import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20
+
+
+class ControlError(Exception):
+    """An error reply from the daemon, or no daemon at the socket."""
+
+
+async def serve_control(path: str, methods: dict[str, Callable[[dict], Awaitable[object]]], *,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as n:
+            task_status.started(path)
+            while True:
+                stream = await listener.accept()
+                n.start_soon(_handle, stream, methods)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        await listener.aclose()
+
+
+async def _handle(stream: trio.SocketStream, methods) -> None:
+    buf = b""
+    async with stream:
+        try:
+            while True:
+                while b"\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                    if len(buf) > MAX_REQUEST:
+                        await stream.send_all(_reply(None, error=(-32600, "request too large")))
+                        return
+                line, buf = buf.split(b"\n", 1)
+                await stream.send_all(await _dispatch(line, methods))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def _dispatch(line: bytes, methods) -> bytes:
+    try:
+        req = json.loads(line)
+        if not isinstance(req, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        return _reply(None, error=(-32700, "parse error"))
+    rid = req.get("id")
+    fn = methods.get(req.get("method"))
+    if fn is None:
+        return _reply(rid, error=(-32601, f"unknown method {req.get('method')!r}"))
+    params = req.get("params") or {}
+    if not isinstance(params, dict):
+        return _reply(rid, error=(-32602, "params must be an object"))
+    try:
+        return _reply(rid, result=await fn(params))
+    except (ValueError, KeyError, LookupError) as e:
+        return _reply(rid, error=(-32602, str(e)))
+    except OSError as e:
+        return _reply(rid, error=(-32000, str(e)))
+
+
+def _reply(rid, *, result=None, error=None) -> bytes:
+    msg = {"jsonrpc": "2.0", "id": rid}
+    if error is not None:
+        msg["error"] = {"code": error[0], "message": error[1]}
+    else:
+        msg["result"] = result
+    return json.dumps(msg).encode() + b"\n"
+
+
+def call(path: str, method: str, params: dict | None = None, timeout: float = 30.0):
+    """Blocking client for the CLI and tests."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError as e:
+        raise ControlError(f"no blockfs daemon at {path}: {e.strerror}") from None
+    with s:
+        s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
+                              "params": params or {}}).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            data = s.recv(65536)
+            if not data:
+                raise ControlError("the daemon closed the control connection")
+            buf += data
+    rep = json.loads(buf.split(b"\n", 1)[0])
+    if "error" in rep:
+        raise ControlError(rep["error"]["message"])
+    return rep["result"]

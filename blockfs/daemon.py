@@ -1,0 +1,217 @@
+"""The serving process behind `blockfs mount` and `blockfs nbd`.
+
+One process: initiator session(s) -> bdev registry (NVMe bdevs + partitions) -> frontends (FUSE
+mount, NBD server) + the control socket. It runs until SIGTERM/SIGINT, `blockfs umount` or an
+external `fusermount3 -u`; then it stops the frontends, lets I/O in flight complete, shuts the
+controller down (CC.SHN) and disconnects.
+
+Start-up reports success or one error line through `ready(error_or_None)` so that the parent
+process of a daemonized mount can exit 0 only once the mount is usable (like sshfs).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+import trio
+
+from bdev.examine import PartitionExamine
+from bdev.nvme import NvmeController
+from bdev.registry import BdevRegistry
+from initiator.session import Session
+
+from .control import serve_control
+from .options import controller_options, reconnect_policy
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = os.environ.get("BLOCKFS_RUN_DIR", "/run/blockfs")
+
+
+class StartupError(Exception):
+    """Start-up failed before anything was served; the message is for the user."""
+
+
+def check_mountpoint(path: str) -> str:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise StartupError(f"mountpoint {path} does not exist or is not a directory")
+    if os.path.ismount(path):
+        raise StartupError(f"mountpoint {path} is busy (something is already mounted there)")
+    if not os.path.exists("/dev/fuse"):
+        raise StartupError("/dev/fuse is missing: is the fuse kernel module loaded?")
+    return path
+
+
+def parse_listen(s: str) -> tuple[str, int]:
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"'{s}' is not ADDR:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Daemon:
+    def __init__(self, args):
+        self.args = args
+        self.registry = BdevRegistry(examine_modules=[PartitionExamine()])
+        self.sessions: list[Session] = []
+        self.controllers: list[NvmeController] = []
+        self.mountpoint: str | None = None
+        self.nbd_address: tuple[str, int] | None = None
+        self.control_path: str | None = None
+        self.started = time.time()
+        self._stop = trio.Event()
+
+    # -- control methods --------------------------------------------------------------------
+    def _bdev_rows(self) -> list[dict]:
+        rows = []
+        for b in self.registry.bdevs():
+            rows.append({
+                "name": b.name, "size": b.size, "block_size": b.block_size,
+                "num_blocks": b.num_blocks, "uuid": b.uuid,
+                "path": os.path.join(self.mountpoint, b.name) if self.mountpoint else None,
+                "base": b.base.name if b.base is not None else None,
+                "nsid": getattr(b, "nsid", None),
+                "subnqn": getattr(getattr(b, "session", None), "subnqn", None),
+            })
+        return rows
+
+    async def rpc_list(self, params):
+        return {"pid": os.getpid(), "mountpoint": self.mountpoint,
+                "nbd": f"{self.nbd_address[0]}:{self.nbd_address[1]}" if self.nbd_address else None,
+                "bdevs": self._bdev_rows()}
+
+    async def rpc_stats(self, params):
+        return {"controllers": [s.statistics() for s in self.sessions],
+                "bdevs": {b.name: b.statistics() for b in self.registry.bdevs()}}
+
+    async def rpc_rescan(self, params):
+        name = params.get("bdev")
+        for s in self.sessions:
+            await s.rescan()
+        targets = [name] if name else [b.name for b in self.registry.bdevs() if b.base is None]
+        for t in targets:
+            if self.registry.get(t) is None:
+                raise LookupError(f"no bdev named {t}")
+            await self.registry.reexamine(t)
+        return self._bdev_rows()
+
+    async def rpc_shutdown(self, params):
+        self._stop.set()
+        return True
+
+    # -- running ----------------------------------------------------------------------------
+    def _write_runfile(self) -> None:
+        os.makedirs(RUN_DIR, exist_ok=True)
+        info = {"pid": os.getpid(), "mountpoint": self.mountpoint, "control": self.control_path,
+                "nbd": f"{self.nbd_address[0]}:{self.nbd_address[1]}" if self.nbd_address else None,
+                "traddr": self.args.traddr, "trsvcid": self.args.trsvcid, "subnqn": self.args.nqn}
+        tmp = os.path.join(RUN_DIR, f".{os.getpid()}.json")
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, os.path.join(RUN_DIR, f"{os.getpid()}.json"))
+
+    def _remove_runfile(self) -> None:
+        try:
+            os.unlink(os.path.join(RUN_DIR, f"{os.getpid()}.json"))
+        except OSError:
+            pass
+
+    async def run(self, ready: Callable[[str | None], None]) -> None:
+        a = self.args
+        if getattr(a, "mountpoint", None):
+            self.mountpoint = check_mountpoint(a.mountpoint)
+        self.control_path = a.control or os.path.join(RUN_DIR, f"{os.getpid()}.sock")
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    await self._start(nursery)
+                    self._write_runfile()
+                    ready(None)
+                    async with trio.open_nursery() as waiters:
+                        async def on_signal():
+                            async for s in sigs:
+                                log.info("signal %d: shutting down", s)
+                                self._stop.set()
+                                return
+                        waiters.start_soon(on_signal)
+                        await self._stop.wait()
+                        waiters.cancel_scope.cancel()
+                await self._shutdown(nursery)
+        finally:
+            self._remove_runfile()
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        a = self.args
+        opts = controller_options(a)
+        policy = reconnect_policy(a)
+        session = Session(a.traddr, a.trsvcid, a.nqn, opts, policy, name="nvme0",
+                          rescan_interval=getattr(a, "rescan_interval", 60.0))
+        await session.start(nursery)
+        self.sessions.append(session)
+        ctrl = NvmeController(self.registry, session, 0, read_only=a.read_only)
+        await ctrl.start(nursery)
+        self.controllers.append(ctrl)
+        if self.mountpoint:
+            from .fuse import serve_fuse
+            self._fuse_scope = trio.CancelScope()
+            await nursery.start(self._run_fuse, serve_fuse)
+        if getattr(a, "nbd", None):
+            from .nbd import serve_nbd
+            host, port = parse_listen(a.nbd)
+            bound = await nursery.start(lambda task_status: serve_nbd(
+                self.registry, host, port, read_only=a.read_only, task_status=task_status))
+            self.nbd_address = (host, bound if isinstance(bound, int) else port)
+        await nursery.start(serve_control, self.control_path, {
+            "list": self.rpc_list, "stats": self.rpc_stats, "rescan": self.rpc_rescan,
+            "shutdown": self.rpc_shutdown})
+
+    async def _run_fuse(self, serve_fuse, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        a = self.args
+        with self._fuse_scope:
+            await serve_fuse(self.registry, self.mountpoint, read_only=a.read_only,
+                             allow_other=a.allow_other, uid=a.uid, gid=a.gid, mode=a.mode,
+                             task_status=task_status)
+        # The mount ended (fusermount3 -u, or our own shutdown): stop the daemon.
+        self._stop.set()
+
+    async def _shutdown(self, nursery: trio.Nursery) -> None:
+        if self.mountpoint:
+            self._fuse_scope.cancel()
+        for s in self.sessions:
+            with trio.move_on_after(10):
+                await s.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def run_foreground(args, ready: Callable[[str | None], None]) -> int:
+    """Run the daemon in this process; `ready` is told of start-up success or failure."""
+    from initiator._errors import NvmeError
+    from initiator._init import InitError
+    from .options import UsageError
+    reported = [False]
+
+    def report(err):
+        if not reported[0]:
+            reported[0] = True
+            ready(err)
+    try:
+        trio.run(Daemon(args).run, report)
+    except (StartupError, UsageError, NvmeError, InitError, OSError, ValueError) as e:
+        msg = str(e) if not isinstance(e, OSError) or not e.strerror else \
+            f"{e.strerror}{': ' + e.filename if e.filename else ''}"
+        if not reported[0]:
+            report(msg)
+            return 1
+        log.error("daemon failed: %s", msg)
+        return 1
+    return 0
+
+
+__all__ = ["Daemon", "StartupError", "run_foreground", "check_mountpoint", "errno"]

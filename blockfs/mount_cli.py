@@ -1,0 +1,236 @@
+"""`blockfs mount | nbd | umount | ctl | list | target`: the serving commands and their clients.
+
+`mount` and `nbd` daemonize like sshfs: the command re-runs itself in the foreground in a new
+session with a pipe, and exits 0 only when the child reports that the mount/export is ready, or
+prints the child's one-line error and exits 1. `-f/--foreground` skips that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import options as o
+from .control import ControlError, call
+
+
+def _mode(s: str) -> int:
+    try:
+        v = int(s, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not an octal mode") from None
+    if not 0 <= v <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {s} out of range")
+    return v
+
+
+def add_parsers(sub, common) -> None:
+    for name in ("mount", "nbd"):
+        p = sub.add_parser(name, help="mount namespaces as files (FUSE)" if name == "mount"
+                           else "serve namespaces over NBD only")
+        o.add_transport(p)
+        o.add_connect(p, reconnect=True)
+        if name == "mount":
+            p.add_argument("mountpoint", help="directory to mount on")
+            p.add_argument("--nbd", metavar="ADDR:PORT", help="also serve NBD on ADDR:PORT")
+            p.add_argument("--allow-other", action="store_true",
+                           help="let other users access the mount (FUSE allow_other)")
+            p.add_argument("--uid", type=int, default=os.getuid(), help="owner of the files")
+            p.add_argument("--gid", type=int, default=os.getgid(), help="group of the files")
+            p.add_argument("--mode", type=_mode, default=0o600, help="file mode (octal, default 600)")
+        else:
+            p.add_argument("--listen", dest="nbd", metavar="ADDR:PORT", default="127.0.0.1:10809",
+                           help="NBD listen address (default 127.0.0.1:10809)")
+        p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+        p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+        p.add_argument("--control", metavar="PATH",
+                       help="control socket path (default /run/blockfs/PID.sock)")
+        p.add_argument("--rescan-interval", type=float, default=60.0,
+                       help="seconds between namespace rescans (backstop for missed events; 0 = off)")
+        p.add_argument("--log-file", metavar="PATH", help="daemon log (default /run/blockfs/PID.log)")
+        p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+        common(p)
+        p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("umount", help="unmount a blockfs mount and wait for its daemon to finish")
+    p.add_argument("mountpoint")
+    p.add_argument("--timeout", type=float, default=60.0)
+    common(p)
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("ctl", help="talk to a running daemon's control socket")
+    p.add_argument("-S", "--socket", required=True, help="control socket path")
+    p.add_argument("action", choices=["list", "stats", "rescan", "shutdown"])
+    p.add_argument("bdev", nargs="?", help="bdev to re-examine (rescan)")
+    o.add_output(p)
+    common(p)
+    p.set_defaults(func=cmd_ctl)
+
+    p = sub.add_parser("list", help="what running blockfs daemons expose (like nvme list)")
+    o.add_output(p)
+    common(p)
+    p.set_defaults(func=cmd_list)
+
+
+def _validate(args) -> None:
+    if args.nbd:
+        from .daemon import parse_listen
+        try:
+            parse_listen(args.nbd)
+        except ValueError as e:
+            raise o.UsageError(str(e)) from None
+    o.controller_options(args)
+    o.reconnect_policy(args)
+
+
+def cmd_serve(args) -> int:
+    _validate(args)
+    from .daemon import RUN_DIR, StartupError, check_mountpoint, run_foreground
+    if getattr(args, "mountpoint", None):
+        try:
+            check_mountpoint(args.mountpoint)
+        except StartupError as e:
+            print(f"blockfs {args.command}: {e}", file=sys.stderr)
+            return 1
+    if args.foreground or args.ready_fd is not None:
+        fd = args.ready_fd
+
+        def ready(err):
+            if fd is None:
+                if err:
+                    print(f"blockfs {args.command}: {err}", file=sys.stderr)
+                return
+            os.write(fd, (f"ERR {err}\n" if err else "OK\n").encode())
+            os.close(fd)
+        return run_foreground(args, ready)
+    # Daemonize: re-run ourselves in the foreground in a new session, wait for "ready".
+    os.makedirs(RUN_DIR, exist_ok=True)
+    log_path = args.log_file or os.path.join(RUN_DIR, f"{args.command}-{os.getpid()}.log")
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "blockfs", *_original_argv(args), "--ready-fd", str(w)]
+    with open(log_path, "ab") as logf:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [_repo_root(), env.get("PYTHONPATH")] if p)
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                 pass_fds=(w,), start_new_session=True, close_fds=True, env=env)
+    os.close(w)
+    msg = b""
+    with os.fdopen(r, "rb") as rf:
+        msg = rf.readline()
+    if msg.startswith(b"OK"):
+        return 0
+    if msg.startswith(b"ERR "):
+        print(f"blockfs {args.command}: {msg[4:].decode().strip()}", file=sys.stderr)
+    else:
+        rc = child.wait()
+        print(f"blockfs {args.command}: the daemon exited (status {rc}) before it was ready; "
+              f"see {log_path}", file=sys.stderr)
+    child.wait()
+    return 1
+
+
+_ARGV: list[str] = []
+
+
+def _original_argv(args) -> list[str]:
+    return _ARGV or sys.argv[1:]
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _runfiles() -> list[dict]:
+    from .daemon import RUN_DIR
+    out = []
+    for path in sorted(glob.glob(os.path.join(RUN_DIR, "*.json"))):
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            os.kill(info["pid"], 0)
+        except (OSError, ValueError, KeyError):
+            continue
+        out.append(info)
+    return out
+
+
+def cmd_umount(args) -> int:
+    mp = os.path.abspath(args.mountpoint)
+    owner = next((i for i in _runfiles() if i.get("mountpoint") == mp), None)
+    if not os.path.ismount(mp) and owner is None:
+        print(f"blockfs umount: {mp} is not a blockfs mount", file=sys.stderr)
+        return 1
+    if owner is not None and owner.get("control"):
+        try:
+            call(owner["control"], "shutdown", timeout=10)
+        except (ControlError, OSError):
+            subprocess.run(["fusermount3", "-u", mp], capture_output=True)
+    else:
+        rc = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        if rc.returncode:
+            print(f"blockfs umount: {rc.stderr.strip()}", file=sys.stderr)
+            return 1
+    if owner is not None:
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(owner["pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            print(f"blockfs umount: daemon {owner['pid']} did not exit within "
+                  f"{args.timeout:g} s", file=sys.stderr)
+            return 1
+    if os.path.ismount(mp):
+        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+    return 0
+
+
+def cmd_ctl(args) -> int:
+    params = {"bdev": args.bdev} if args.bdev else {}
+    try:
+        res = call(args.socket, args.action, params)
+    except ControlError as e:
+        print(f"blockfs ctl: {e}", file=sys.stderr)
+        return 1
+    if args.output_format == "json" or args.action in ("stats",):
+        print(json.dumps(res, indent=2))
+    elif args.action in ("list", "rescan"):
+        rows = res["bdevs"] if isinstance(res, dict) else res
+        _print_bdevs(rows)
+    else:
+        print(res)
+    return 0
+
+
+def _print_bdevs(rows) -> None:
+    print(f"{'Name':<16} {'Size':>14} {'Block':>6}  Path")
+    for r in rows:
+        print(f"{r['name']:<16} {r['size']:>14} {r['block_size']:>6}  {r.get('path') or '-'}")
+
+
+def cmd_list(args) -> int:
+    out = []
+    for info in _runfiles():
+        try:
+            res = call(info["control"], "list", timeout=5)
+        except (ControlError, OSError, KeyError):
+            continue
+        for b in res["bdevs"]:
+            out.append({**b, "pid": info["pid"], "traddr": f"{info['traddr']}:{info['trsvcid']}",
+                        "subnqn": b.get("subnqn") or info.get("subnqn"), "nbd": res.get("nbd")})
+    if args.output_format == "json":
+        print(json.dumps({"devices": out}, indent=2))
+        return 0
+    print(f"{'Node':<16} {'Size':>14} {'Block':>6} {'Address':<22} {'Pid':>7}  Path / NQN")
+    print("-" * 100)
+    for d in out:
+        print(f"{d['name']:<16} {d['size']:>14} {d['block_size']:>6} {d['traddr']:<22} "
+              f"{d['pid']:>7}  {d.get('path') or d.get('nbd') or '-'}  {d.get('subnqn') or ''}")
+    return 0
