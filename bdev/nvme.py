@@ -39,6 +39,12 @@ _GENERIC_ERRNO = {
 }
 
 
+def _unsupported(e: NvmeStatusError) -> bool:
+    """Invalid Opcode, or nvmet's "ONCS not supported" (sct 1, sc 0x83) for a backend that
+    cannot do the operation."""
+    return (e.sct, e.sc) in ((0, 0x01), (1, 0x83))
+
+
 def _bdev_error(e: Exception, what: str) -> BdevError:
     if isinstance(e, NvmeStatusError):
         code = _GENERIC_ERRNO.get(e.sc, errno.EIO) if e.sct == 0 else errno.EIO
@@ -58,6 +64,7 @@ class NvmeBdev(Bdev):
         self.nsid = info.nsid
         self.info = info
         self._rr = itertools.count()
+        self._wz_unsupported = False
 
     def io_type_supported(self, io_type: IoType) -> bool:
         c = self.session.ctrl
@@ -94,11 +101,34 @@ class NvmeBdev(Bdev):
             # Write Zeroes NLB is 16 bits (0's based): split here, MDTS does not apply.
             while nblocks:
                 n = min(nblocks, 65536)
-                await self.session.write_zeroes(self.nsid, lba, n, ctx)
+                if self._wz_unsupported:
+                    await self._write_zero_buffers(ctx, lba, n)
+                else:
+                    try:
+                        await self.session.write_zeroes(self.nsid, lba, n, ctx)
+                    except NvmeStatusError as e:
+                        if not _unsupported(e):
+                            raise
+                        # ONCS says yes, the backend says no (nvmet on tmpfs answers sct 1 /
+                        # sc 0x83): from now on write zero buffers, as SPDK's bdev layer does.
+                        log.info("%s: Write Zeroes unsupported (%s); writing zeroes instead",
+                                 self.name, e)
+                        self._wz_unsupported = True
+                        continue
                 lba += n
                 nblocks -= n
         except (NvmeStatusError, TransportError) as e:
             raise _bdev_error(e, f"{self.name}: write zeroes") from None
+
+    async def _write_zero_buffers(self, ctx, lba, nblocks) -> None:
+        bs = self.block_size
+        chunk = max(1, min(nblocks, (self.max_io_bytes or (1 << 20)) // bs))
+        zeroes = memoryview(bytes(chunk * bs))
+        while nblocks:
+            n = min(chunk, nblocks)
+            await self.session.write(self.nsid, lba, n, zeroes[:n * bs], ctx)
+            lba += n
+            nblocks -= n
 
     async def _submit_unmap(self, ctx, lba, nblocks) -> None:
         try:

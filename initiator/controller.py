@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 ADMIN_QUEUE_SIZE = 32          # kernel NVME_AQ_DEPTH
 MAX_AERS = 8                   # SPDK NVME_MAX_ASYNC_EVENTS
 CTRATT_TBKAS = 1 << 6          # Base 5.17.2.1: Traffic Based Keep Alive Support
+# Per-command transfer cap: the kernel host's NVME_TCP_MAX_SEGMENTS (256) pages = 1 MiB.
+TRANSPORT_MAX_TRANSFER = 1 << 20
 
 
 def _machine_hostid() -> str:
@@ -343,12 +345,14 @@ class Controller:
     # -- I/O commands (no splitting: callers respect max_transfer) ---------------------------
     @property
     def max_transfer(self) -> int:
-        """Largest data transfer of one command in bytes (MDTS; 0 means no limit)."""
+        """Largest data transfer of one command in bytes: MDTS (Base 5.17.2.1, in units of
+        CAP.MPSMIN pages), capped at TRANSPORT_MAX_TRANSFER. nvmet reports MDTS 0 (no limit)
+        yet rejects transfers over 4 MiB; the kernel host never sends more than 1 MiB."""
         mdts = getattr(self.ctrl, "mdts", 0)
         if not mdts:
-            return 0
+            return TRANSPORT_MAX_TRANSFER
         mpsmin = (self.cap >> 48) & 0xF
-        return (1 << mdts) * (4096 << mpsmin)
+        return min((1 << mdts) * (4096 << mpsmin), TRANSPORT_MAX_TRANSFER)
 
     async def read(self, nsid: int, slba: int, nlb: int, buf, qidx: int = 0) -> None:
         await self.io_queues[qidx].submit(IoOpcode.READ, nsid, slba & 0xFFFFFFFF, slba >> 32,
