@@ -183,7 +183,9 @@ def check_protective_mbr(sector: bytes, num_blocks: int) -> list[str]:
     if r.start_lba != 1:
         warnings.append(f"protective MBR entry starts at LBA {r.start_lba}, not 1")
     if not others and r.num_blocks != min(num_blocks - 1, 0xFFFFFFFF):
-        warnings.append(f"protective MBR covers {r.num_blocks} blocks, the disk has {num_blocks - 1} after LBA 0")
+        warnings.append(
+            f"protective MBR covers {r.num_blocks} blocks, the disk has {num_blocks - 1} after LBA 0"
+        )
     return warnings
 
 
@@ -228,13 +230,14 @@ class _EntryArray:
         if type_raw == _ZERO_GUID:
             return
         where = f"GPT entry {number}"
-        # §5.3.3 Table 5-6: StartingLBA and EndingLBA (inclusive), "EndingLBA >= StartingLBA".
+        # §5.3.3 Table 5-6: StartingLBA and EndingLBA are both inclusive, so a partition needs
+        # StartingLBA <= EndingLBA.
         if start > end:
             self.warnings.append(f"{where}: starts at LBA {start} after its end {end}, skipped")
             return
-        # §5.3.2 Table 5-5 FirstUsableLBA/LastUsableLBA: the range "that may be used by a partition
-        # described by a GUID Partition Entry"; §5.3.1: "software must make sure ... partitions
-        # ... do not overlap" (none of the GPT's own structures, nor each other).
+        # §5.3.2 Table 5-5: FirstUsableLBA/LastUsableLBA bound the blocks "that may be used by a
+        # partition described by a GUID Partition Entry"; §5.3.1 (overview, paraphrased): partitions
+        # do not overlap the GPT's own structures or each other.
         if start < h.first_usable or end > h.last_usable:
             self.warnings.append(
                 f"{where}: LBA {start}..{end} outside usable {h.first_usable}..{h.last_usable}, skipped"
@@ -312,7 +315,7 @@ class GptParser:
         if self._stage in (_PRIMARY_ARRAY, _BACKUP_ARRAY):
             a = self._array
             assert a is not None
-            length = min(READ_CHUNK, -(-a.remaining // bs) * bs)
+            length = min(max(READ_CHUNK // bs, 1) * bs, -(-a.remaining // bs) * bs)
             return (a.header.entry_lba * bs + a.done, length)
         if self._stage == _BACKUP_CHECK:
             return (self._check_lba * bs, bs)
@@ -399,10 +402,14 @@ class GptParser:
         if alt == self._last:
             self._check_lba, self._stage = alt, _BACKUP_CHECK
         elif 1 < alt < self._last:
-            self._warnings.append(f"backup GPT header at LBA {alt}, not at the last LBA {self._last} (disk grown?)")
+            self._warnings.append(
+                f"backup GPT header at LBA {alt}, not at the last LBA {self._last} (disk grown?)"
+            )
             self._check_lba, self._stage = alt, _BACKUP_CHECK
         elif alt > self._last:
-            self._warnings.append(f"backup GPT header LBA {alt} is past the end of the disk (disk truncated?)")
+            self._warnings.append(
+                f"backup GPT header LBA {alt} is past the end of the disk (disk truncated?)"
+            )
             self._finish()
         else:
             self._warnings.append(f"primary GPT header names LBA {alt} as its backup, which cannot be")

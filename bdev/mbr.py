@@ -234,12 +234,15 @@ class MbrParser:
                 return
             self._next_logical += 1
             # A logical's start is relative to its own EBR and it must stay inside the container.
-            if self._check_range(f"logical partition {number}", lba + r.start_lba, r.num_blocks, lba + 1, ext_end):
-                self._add(number, lba + r.start_lba, r.num_blocks, r)
+            start = lba + r.start_lba
+            if self._check_range(f"logical partition {number}", start, r.num_blocks, lba + 1, ext_end):
+                self._add(number, start, r.num_blocks, r)
         if link is None:
             return
         nxt = ext_start + link.start_lba  # links are relative to the extended partition's start
-        if len(self._visited) >= MAX_LOGICALS:
+        if self._next_logical >= 5 + MAX_LOGICALS:
+            self._warnings.append(f"more than {MAX_LOGICALS} logical partitions: the rest ignored")
+        elif len(self._visited) >= MAX_LOGICALS:
             self._warnings.append(f"more than {MAX_LOGICALS} EBRs: logical partition chain cut")
         elif nxt in self._visited:
             self._warnings.append(f"EBR at LBA {lba} links back to LBA {nxt}: loop, chain ends")
@@ -248,7 +251,9 @@ class MbrParser:
         else:
             self._next = nxt
 
-    def _check_range(self, where: str, start: int, size: int, lo: int, hi: int, primary: bool = False) -> bool:
+    def _check_range(
+        self, where: str, start: int, size: int, lo: int, hi: int, primary: bool = False
+    ) -> bool:
         """True if [start, start+size) lies in [lo, hi) and overlaps nothing accepted, else warn.
 
         A primary is also checked against the extended container; a logical lies inside it.
