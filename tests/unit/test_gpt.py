@@ -86,7 +86,8 @@ class SparseDisk:
         assert len(self.reads) < 1000, "parser keeps on reading"
         self.reads.append((off, length))
         zero = bytes(self.bs)
-        return b"".join(self.blocks.get(lba, zero) for lba in range(off // self.bs, (off + length) // self.bs))
+        lbas = range(off // self.bs, (off + length) // self.bs)
+        return b"".join(self.blocks.get(lba, zero) for lba in lbas)
 
     def read_bytes(self, off: int, length: int) -> bytes:
         """Unchecked byte-granular read for the test helpers (not counted as a parser read)."""
@@ -97,7 +98,7 @@ class SparseDisk:
 
 
 def header(disk: SparseDisk, lba: int) -> dict:
-    return dict(zip(HEADER_FIELDS, HEADER.unpack(disk.read_bytes(lba * disk.bs, 92))))
+    return dict(zip(HEADER_FIELDS, HEADER.unpack(disk.read_bytes(lba * disk.bs, 92)), strict=True))
 
 
 def write_header(disk: SparseDisk, lba: int, resign: bool = True, **changes) -> None:
@@ -116,7 +117,7 @@ def write_entry(disk: SparseDisk, index: int, **changes) -> None:
     for lba in (1, disk.nb - 1):
         h = header(disk, lba)
         off = h["entry_lba"] * disk.bs + index * h["entry_size"]
-        e = dict(zip(ENTRY_FIELDS, ENTRY.unpack(disk.read_bytes(off, ENTRY.size)))) | changes
+        e = dict(zip(ENTRY_FIELDS, ENTRY.unpack(disk.read_bytes(off, ENTRY.size)), strict=True)) | changes
         disk.write(off, ENTRY.pack(*(e[f] for f in ENTRY_FIELDS)))
         array = disk.read_bytes(h["entry_lba"] * disk.bs, h["num_entries"] * h["entry_size"])
         write_header(disk, lba, array_crc=zlib.crc32(array))
@@ -179,7 +180,8 @@ def test_fixture_types_names_attributes():
     p1, p2, p3 = parse(disk).partitions
     assert (p1.type, p1.name, p1.attributes) == ("c12a7328-f81f-11d2-ba4b-00a0c93ec93b", "EFI System", 1)
     assert (p2.type, p2.name, p2.attributes) == ("0657fd6d-a4ab-43c4-84e5-0933c84b4f4f", "swap", 0)
-    assert (p3.type, p3.name, p3.attributes) == ("0fc63daf-8483-4772-8e79-3d69d8477de4", "Linux données", 1 << 60)
+    assert (p3.type, p3.name, p3.attributes) == (
+        "0fc63daf-8483-4772-8e79-3d69d8477de4", "Linux données", 1 << 60)
 
 
 @pytest.mark.parametrize("name", ["gpt_512", "gpt_4k"])
@@ -270,6 +272,19 @@ def test_backup_that_differs_warns():
     assert "backup GPT header does not match the primary" in parse(disk).warnings
 
 
+
+def test_protective_mbr_and_alternate_lba_oddities_warn():
+    disk, _ = SparseDisk.fixture("gpt_512")
+    mbr = bytearray(disk.read_bytes(0, 512))
+    mbr[446 + 8 : 446 + 12] = struct.pack("<I", 2)  # 0xEE entry's StartingLBA
+    disk.write(0, bytes(mbr))
+    write_header(disk, 1, alt_lba=0)
+    table = parse(disk)
+    assert len(table.partitions) == 3 and not table.used_backup
+    assert any("starts at LBA 2" in w for w in table.warnings)
+    assert any("names LBA 0 as its backup" in w for w in table.warnings)
+    assert disk.reads[-1][0] == 2 * 512  # no backup check read
+
 # -- bad entries are skipped, the rest of the table stays -------------------------------------------
 
 
@@ -310,7 +325,8 @@ def test_unused_entries_ignored_and_numbering_kept():
     write_entry(disk, 77, type=LINUX_DATA, uuid=uuid.UUID(int=5).bytes_le, start=100, end=2000,
                 name="late".encode("utf-16-le"))
     table = parse(disk)
-    assert [(p.number, p.name) for p in table.partitions] == [(1, "EFI System"), (3, "Linux données"), (78, "late")]
+    assert [(p.number, p.name) for p in table.partitions] == [
+        (1, "EFI System"), (3, "Linux données"), (78, "late")]
 
 
 def test_garbage_name_does_not_raise():
@@ -497,7 +513,8 @@ def test_fuzz_mutated_fixtures(disk):
 @given(bs=st.sampled_from([512, 4096]), nb=st.integers(0, 80), data=st.data())
 def test_fuzz_random_bytes(bs, nb, data):
     disk = SparseDisk(bs, nb)
-    for lba in data.draw(st.sets(st.sampled_from([0, 1, 2, 3, nb - 1, nb - 2, nb - 33]) if nb else st.nothing())):
+    where = st.sampled_from([0, 1, 2, 3, nb - 1, nb - 2, nb - 33]) if nb else st.nothing()
+    for lba in data.draw(st.sets(where)):
         if 0 <= lba < nb:
             disk.write(lba * bs, data.draw(st.binary(min_size=bs, max_size=bs)))
     if nb and data.draw(st.booleans()):  # a valid protective MBR, to get past LBA 0 more often
