@@ -1,0 +1,25 @@
+"""Block devices (SPDK-style bdevs): the contract is docs/bdev-interface.md.
+
+`bdev.gpt` and `bdev.mbr` (pure partition-table parsers) are imported on their own, not re-exported.
+"""
+
+from ._base import Bdev, BdevDesc, BdevError, BdevEvent, IoChannel, IoType
+from .examine import PartitionExamine, partition_name, read_partition_table
+from .malloc import MallocBdev
+from .part import PartBdev
+from .registry import BdevRegistry
+
+__all__ = [
+    "Bdev",
+    "BdevDesc",
+    "BdevError",
+    "BdevEvent",
+    "BdevRegistry",
+    "IoChannel",
+    "IoType",
+    "MallocBdev",
+    "PartBdev",
+    "PartitionExamine",
+    "partition_name",
+    "read_partition_table",
+]

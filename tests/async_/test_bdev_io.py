@@ -1,0 +1,313 @@
+"""Async tests of the bdev I/O path on MallocBdev: block and byte API, bounds after resize,
+splitting, emulation, statistics, and the RMW range lock under many concurrent writers."""
+
+from __future__ import annotations
+
+import errno
+import random
+from typing import Any
+
+import pytest
+import trio
+
+from bdev import BdevError, IoType, MallocBdev, PartBdev
+
+pytestmark = pytest.mark.trio
+
+
+def errno_of(excinfo: pytest.ExceptionInfo[BdevError]) -> int:
+    return excinfo.value.errno
+
+
+class RecordingMalloc(MallocBdev):
+    """Records every command the base hands to the subclass; can drop io types to test emulation."""
+
+    def __init__(self, *a: Any, unsupported: tuple[IoType, ...] = (), **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.cmds: list[tuple] = []
+        self._unsupported = unsupported
+
+    def io_type_supported(self, io_type: IoType) -> bool:
+        return io_type not in self._unsupported and super().io_type_supported(io_type)
+
+    async def _submit_read(self, ctx, lba, nblocks, buf):
+        self.cmds.append(("read", lba, nblocks))
+        await super()._submit_read(ctx, lba, nblocks, buf)
+
+    async def _submit_write(self, ctx, lba, nblocks, data, fua):
+        self.cmds.append(("write", lba, nblocks, fua))
+        await super()._submit_write(ctx, lba, nblocks, data, fua)
+
+    async def _submit_write_zeroes(self, ctx, lba, nblocks):
+        self.cmds.append(("zeroes", lba, nblocks))
+        await super()._submit_write_zeroes(ctx, lba, nblocks)
+
+    async def _submit_unmap(self, ctx, lba, nblocks):
+        self.cmds.append(("unmap", lba, nblocks))
+        await super()._submit_unmap(ctx, lba, nblocks)
+
+    async def _submit_flush(self, ctx):
+        self.cmds.append(("flush",))
+        await super()._submit_flush(ctx)
+
+
+class FailingMalloc(MallocBdev):
+    async def _submit_read(self, ctx, lba, nblocks, buf):
+        await trio.lowlevel.checkpoint()
+        raise BdevError(errno.EIO, "media error")
+
+
+async def test_block_round_trip_and_caller_buffer():
+    b = MallocBdev("m", 64, 512)
+    ch = b.get_io_channel()
+    data = bytes(random.randbytes(4 * 512))
+    await ch.write_blocks(10, 4, data)
+    assert bytes(await ch.read_blocks(10, 4)) == data
+    buf = memoryview(bytearray(2 * 512))
+    got = await ch.read_blocks(11, 2, buf)
+    assert got is buf and bytes(buf) == data[512:1536]
+    with pytest.raises(BdevError) as ei:
+        await ch.read_blocks(0, 2, memoryview(bytearray(100)))
+    assert errno_of(ei) == errno.EINVAL
+    with pytest.raises(BdevError) as ei:
+        await ch.write_blocks(0, 1, b"short")
+    assert errno_of(ei) == errno.EINVAL
+
+
+@pytest.mark.parametrize("lba,n", [(64, 1), (63, 2), (-1, 1), (0, 65)])
+async def test_out_of_range_is_einval(lba, n):
+    ch = MallocBdev("m", 64, 512).get_io_channel()
+    for call in (
+        ch.read_blocks(lba, n),
+        ch.write_blocks(lba, n, bytes(max(n, 0) * 512)),
+        ch.write_zeroes_blocks(lba, n),
+        ch.unmap_blocks(lba, n),
+    ):
+        with pytest.raises(BdevError) as ei:
+            await call
+        assert errno_of(ei) == errno.EINVAL
+
+
+async def test_shrink_then_io_past_new_end_fails_and_never_returns_old_data():
+    b = MallocBdev("m", 64, 512)
+    ch = b.get_io_channel()
+    await ch.write_blocks(60, 4, b"\xaa" * 2048)
+    b.resize(32)
+    for coro in (ch.read_blocks(60, 1), ch.read(32 * 512 - 1, 2), ch.write(40 * 512, b"x")):
+        with pytest.raises(BdevError) as ei:
+            await coro
+        assert errno_of(ei) == errno.EINVAL
+    b.resize(64)  # grows back: the old bytes are gone for good
+    assert bytes(await ch.read_blocks(60, 4)) == bytes(2048)
+
+
+async def test_removed_and_read_only_and_closed_channel():
+    b = MallocBdev("m", 16, 512)
+    ch = b.get_io_channel()
+    b.hot_remove()
+    for coro in (ch.read_blocks(0, 1), ch.write_blocks(0, 1, bytes(512)), ch.flush(), ch.read(1, 1)):
+        with pytest.raises(BdevError) as ei:
+            await coro
+        assert errno_of(ei) == errno.ENODEV
+    ro = MallocBdev("ro", 16, 512, read_only=True)
+    ch = ro.get_io_channel()
+    assert bytes(await ch.read(3, 5)) == bytes(5)
+    for coro in (
+        ch.write_blocks(0, 1, bytes(512)),
+        ch.write(3, b"abc"),
+        ch.write_zeroes(0, 512),
+        ch.unmap_blocks(0, 1),
+    ):
+        with pytest.raises(BdevError) as ei:
+            await coro
+        assert errno_of(ei) == errno.EROFS
+    ch.close()
+    ch.close()
+    with pytest.raises(BdevError) as ei:
+        await ch.read_blocks(0, 1)
+    assert errno_of(ei) == errno.EBADF
+
+
+async def test_large_io_is_split_by_max_io_bytes_and_boundary():
+    b = RecordingMalloc("m", 256, 512, max_io_bytes=4 * 512, optimal_io_boundary=16)
+    ch = b.get_io_channel()
+    data = random.randbytes(20 * 512)
+    await ch.write_blocks(14, 20, data)
+    writes = sorted(c[1:3] for c in b.cmds if c[0] == "write")
+    assert writes == [(14, 2), (16, 4), (20, 4), (24, 4), (28, 4), (32, 2)]
+    b.cmds.clear()
+    assert bytes(await ch.read_blocks(14, 20)) == data
+    assert sorted(c[1:3] for c in b.cmds if c[0] == "read") == writes
+    st = b.statistics()
+    assert st["num_write_ops"] == 1 and st["bytes_written"] == 20 * 512  # one request, six commands
+    assert st["num_read_ops"] == 1 and st["bytes_read"] == 20 * 512
+
+
+async def test_split_error_is_a_single_bdev_error():
+    b = FailingMalloc("m", 64, 512, max_io_bytes=1024)
+    ch = b.get_io_channel()
+    with pytest.raises(BdevError) as ei:
+        await ch.read_blocks(0, 16)
+    assert errno_of(ei) == errno.EIO
+    assert b.statistics()["errors"] == 1
+
+
+async def test_emulated_write_zeroes_fua_and_flush():
+    b = RecordingMalloc(
+        "m", 64, 512, unsupported=(IoType.WRITE_ZEROES, IoType.FUA, IoType.FLUSH), max_io_bytes=8 * 512
+    )
+    ch = b.get_io_channel()
+    await ch.write_blocks(0, 64, b"\xff" * 64 * 512)
+    b.cmds.clear()
+    await ch.write_zeroes_blocks(4, 20)
+    assert bytes(await ch.read_blocks(0, 64)) == b"\xff" * 2048 + bytes(20 * 512) + b"\xff" * 40 * 512
+    assert {c[0] for c in b.cmds if c[0] != "read"} == {"write"}
+    b.cmds.clear()
+    await ch.write_blocks(0, 1, bytes(512), fua=True)
+    await ch.flush()
+    assert b.cmds == [("write", 0, 1, False)]  # no FUA bit, no flush command: device has no cache
+    full = RecordingMalloc("f", 64, 512, unsupported=(IoType.FUA,))
+    fch = full.get_io_channel()
+    await fch.write_blocks(0, 1, bytes(512), fua=True)
+    assert full.cmds == [("write", 0, 1, False), ("flush",)]
+    no_unmap = RecordingMalloc("u", 64, 512, unsupported=(IoType.UNMAP,))
+    with pytest.raises(BdevError) as ei:
+        await no_unmap.get_io_channel().unmap(0, 512)
+    assert errno_of(ei) == errno.EOPNOTSUPP
+
+
+@pytest.mark.parametrize("bs", [512, 4096])
+async def test_byte_api_matches_a_bytearray_model(bs):
+    rng = random.Random(bs)
+    nblocks = 32
+    b = MallocBdev("m", nblocks, bs)
+    ch = b.get_io_channel()
+    model = bytearray(nblocks * bs)
+    size = nblocks * bs
+    for _ in range(300):
+        off = rng.randrange(size)
+        length = rng.randrange(0, min(size - off, 3 * bs) + 1)
+        op = rng.randrange(4)
+        if op == 0:
+            data = rng.randbytes(length)
+            await ch.write(off, data)
+            model[off : off + length] = data
+        elif op == 1:
+            assert bytes(await ch.read(off, length)) == model[off : off + length]
+        elif op == 2:
+            await ch.write_zeroes(off, length)
+            model[off : off + length] = bytes(length)
+        else:
+            await ch.unmap(off, length)
+            model[off : off + length] = bytes(length)
+    buf = memoryview(bytearray(1000))
+    await ch.readinto(7, buf)
+    assert bytes(buf) == model[7:1007]
+    assert bytes(await ch.read(0, size)) == model
+
+
+async def test_large_unaligned_write_goes_straight_for_the_middle():
+    b = RecordingMalloc("m", 1024, 512)
+    ch = b.get_io_channel()
+    data = random.randbytes(300 * 1024)
+    await ch.write(100, data)
+    writes = sorted(c[1:3] for c in b.cmds if c[0] == "write")
+    assert writes == [(0, 1), (1, 599), (600, 1)]
+    assert bytes(await ch.read(100, len(data))) == data
+    assert bytes(await ch.read(0, 100)) == bytes(100)
+
+
+async def test_byte_range_checks():
+    ch = MallocBdev("m", 4, 512).get_io_channel()
+    assert bytes(await ch.read(2048, 0)) == b""
+    await ch.write(2048, b"")
+    for coro in (ch.read(2047, 2), ch.write(2040, bytes(9)), ch.read(-1, 1), ch.write_zeroes(2000, 49)):
+        with pytest.raises(BdevError) as ei:
+            await coro
+        assert errno_of(ei) == errno.EINVAL
+
+
+@pytest.mark.parametrize("bs", [512, 4096])
+async def test_concurrent_unaligned_writes_to_one_block_never_lose_data(bs):
+    """Many tasks each own a few bytes of the same two blocks and write them at once, with random
+    extra scheduling between; without the range lock the RMWs overwrite each other."""
+    b = MallocBdev("m", 8, bs)
+    ch = b.get_io_channel()
+    writers = 64
+    width = (2 * bs) // writers  # each writer's stripe, spread over blocks 1 and 2
+    base = bs
+
+    async def writer(i: int, rounds: int) -> None:
+        my_ch = b.get_io_channel()  # half the writers use their own channel
+        c = my_ch if i % 2 else ch
+        for r in range(rounds):
+            await trio.sleep(0)
+            await c.write(base + i * width, bytes([(i * 7 + r) % 251 + 1]) * width)
+
+    async with trio.open_nursery() as n:
+        for i in range(writers):
+            n.start_soon(writer, i, 5)
+    got = bytes(await ch.read(base, writers * width))
+    for i in range(writers):
+        assert got[i * width : (i + 1) * width] == bytes([(i * 7 + 4) % 251 + 1]) * width, i
+    assert b._lock.locked() == 0
+
+
+async def test_partition_and_base_share_the_range_lock():
+    base = MallocBdev("d", 64, 512)
+    p = PartBdev(base, "dp1", 8, 16)
+    bch, pch = base.get_io_channel(), p.get_io_channel()
+
+    async def via_base(i):
+        await bch.write(8 * 512 + 2 * i, bytes([i + 1, i + 1]))
+
+    async def via_part(i):
+        await pch.write(2 * i, bytes([i + 1, i + 1]))
+
+    async with trio.open_nursery() as n:
+        for i in range(0, 100, 2):
+            n.start_soon(via_base, i)
+            n.start_soon(via_part, i + 1)
+    got = bytes(await pch.read(0, 200))
+    assert got == b"".join(bytes([i + 1, i + 1]) for i in range(100))
+
+
+async def test_statistics_count_every_kind():
+    b = MallocBdev("m", 64, 512)
+    ch = b.get_io_channel()
+    await ch.write_blocks(0, 2, bytes(1024))
+    await ch.read_blocks(0, 1)
+    await ch.write_zeroes_blocks(0, 4)
+    await ch.unmap_blocks(4, 4)
+    await ch.flush()
+    st = b.statistics()
+    assert st["num_write_ops"] == 1 and st["bytes_written"] == 1024
+    assert st["num_read_ops"] == 1 and st["bytes_read"] == 512
+    assert st["num_write_zeroes_ops"] == 1 and st["num_unmap_ops"] == 1 and st["num_flush_ops"] == 1
+    assert st["read_latency_ticks"] > 0 and st["errors"] == 0
+    assert b.flushes == 1
+
+
+async def test_partition_io_is_remapped_and_bounded():
+    base = MallocBdev("d", 100, 512)
+    p = PartBdev(base, "dp1", 10, 20)
+    pch, bch = p.get_io_channel(), base.get_io_channel()
+    await pch.write_blocks(0, 1, b"\x11" * 512)
+    await pch.write(19 * 512 + 500, b"\x22" * 12)
+    assert bytes(await bch.read_blocks(10, 1)) == b"\x11" * 512
+    assert bytes(await bch.read(29 * 512 + 500, 12)) == b"\x22" * 12
+    with pytest.raises(BdevError) as ei:
+        await pch.read_blocks(20, 1)
+    assert errno_of(ei) == errno.EINVAL
+    base.resize(25)  # the partition now runs past the base: the base refuses, no stale data
+    with pytest.raises(BdevError) as ei:
+        await pch.read_blocks(18, 1)
+    assert errno_of(ei) == errno.EINVAL
+    await pch.unmap(0, 512)
+    assert bytes(await bch.read_blocks(10, 1)) == bytes(512)
+    await pch.flush()
+    pch.close()
+    base.hot_remove()
+    with pytest.raises(BdevError) as ei:
+        p.get_io_channel()
+    assert errno_of(ei) == errno.ENODEV
