@@ -189,6 +189,7 @@ _CMD_READ, _CMD_WRITE, _CMD_DISC, _CMD_FLUSH = 0, 1, 2, 3
 _CMD_TRIM, _CMD_WRITE_ZEROES = 4, 6
 _FLAG_FUA, _FLAG_NO_HOLE = 1, 2
 _EPERM, _EINVAL, _ENOSPC = 1, 22, 28
+_TF_READ_ONLY, _TF_SEND_FUA, _TF_SEND_TRIM, _TF_SEND_WRITE_ZEROES = 0x2, 0x8, 0x20, 0x40
 
 # --------------------------------------------------------------------------- wire structs
 
@@ -801,7 +802,6 @@ _ALLOWED_FLAGS = {
     _CMD_TRIM: _FLAG_FUA,
     _CMD_WRITE_ZEROES: _FLAG_FUA | _FLAG_NO_HOLE,
 }
-_WRITING = frozenset((_CMD_WRITE, _CMD_TRIM, _CMD_WRITE_ZEROES))
 
 
 def validate_request(
@@ -817,18 +817,18 @@ def validate_request(
     allowed = _ALLOWED_FLAGS.get(cmd)
     if allowed is None:
         return _EINVAL
-    if not tflags & TransmissionFlag.SEND_FUA:
+    if not tflags & _TF_SEND_FUA:
         allowed &= ~_FLAG_FUA
     if flags & ~allowed:
         return _EINVAL
     if cmd == _CMD_FLUSH:
         return _EINVAL if offset or length else 0
-    if cmd in _WRITING:
-        if tflags & TransmissionFlag.READ_ONLY:
+    if cmd != _CMD_READ:  # WRITE, TRIM, WRITE_ZEROES
+        if tflags & _TF_READ_ONLY:
             return _EPERM
-        if cmd == _CMD_TRIM and not tflags & TransmissionFlag.SEND_TRIM:
+        if cmd == _CMD_TRIM and not tflags & _TF_SEND_TRIM:
             return _EINVAL
-        if cmd == _CMD_WRITE_ZEROES and not tflags & TransmissionFlag.SEND_WRITE_ZEROES:
+        if cmd == _CMD_WRITE_ZEROES and not tflags & _TF_SEND_WRITE_ZEROES:
             return _EINVAL
     if length > max_block and cmd != _CMD_TRIM and cmd != _CMD_WRITE_ZEROES:
         return _EINVAL

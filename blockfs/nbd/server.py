@@ -18,6 +18,7 @@ Per connection:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import trio
@@ -58,6 +59,8 @@ HANDSHAKE_TIMEOUT = 30.0
 MAX_INFLIGHT = 256
 #: READ/WRITE bytes received or to be sent, per connection, before the reader pauses.
 INFLIGHT_BYTES = 64 * 1024 * 1024
+#: Worker tasks per connection executing requests (bdev I/O) concurrently.
+MAX_WORKERS = 64
 #: Buffers per sendmsg() call (IOV_MAX is 1024 on Linux).
 _IOV_BATCH = 512
 
@@ -287,6 +290,12 @@ class _Transmission:
         self._inflight = 0
         self._inflight_bytes = 0
         self._closing = False
+        # Parsed requests waiting for a worker.
+        self._work: deque[tuple[int, int, int, int, int, Any, int]] = deque()
+        self._work_lot = trio.lowlevel.ParkingLot()
+        self._workers = 0
+        self._waking = 0  # workers started or unparked that have not run yet
+        self._draining = False
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._reader_lot = trio.lowlevel.ParkingLot()
 
@@ -319,8 +328,14 @@ class _Transmission:
             async with trio.open_nursery() as top:
                 top.start_soon(self._writer)
                 try:
-                    async with trio.open_nursery() as requests:
-                        await self._read_loop(requests)
+                    async with trio.open_nursery() as workers:
+                        try:
+                            await self._read_loop(workers)
+                        finally:
+                            # No more requests: workers finish the queue, then exit.
+                            self._draining = True
+                            self._waking += len(self._work_lot)
+                            self._work_lot.unpark_all()
                 finally:
                     # Every request has been answered (or cancelled): let the writer drain.
                     self._closing = True
@@ -335,7 +350,8 @@ class _Transmission:
         sock = self.sock
         lot = self._reader_lot
         size, tflags, max_block = self.size, self.tflags, self.max_block
-        execute = self._execute
+        work = self._work
+        work_lot = self._work_lot
         while True:
             while self._inflight >= MAX_INFLIGHT or self._inflight_bytes >= INFLIGHT_BYTES:
                 await lot.park()
@@ -365,9 +381,34 @@ class _Transmission:
             if err:
                 self._queue_error(handle, cmd, err, "invalid request", cost)
                 continue
-            nursery.start_soon(execute, cmd, flags, handle, offset, length, payload, cost)
+            work.append((cmd, flags, handle, offset, length, payload, cost))
+            # Wake a worker only if the ones already woken will not cover the queue.
+            if len(work) > self._waking:
+                if work_lot:
+                    self._waking += 1
+                    work_lot.unpark()
+                elif self._workers < MAX_WORKERS:
+                    self._workers += 1
+                    self._waking += 1
+                    nursery.start_soon(self._worker)
 
     # -- requests --------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        # A pool of long-lived workers rather than a task per request: a busy worker takes the
+        # next request without being parked and woken, and no Task is built per request.
+        work = self._work
+        lot = self._work_lot
+        execute = self._execute
+        self._waking -= 1
+        while True:
+            if work:
+                await execute(*work.popleft())
+            elif self._draining:
+                return
+            else:
+                await lot.park()
+                self._waking -= 1
 
     async def _execute(
         self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: Any, cost: int
