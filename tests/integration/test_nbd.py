@@ -13,7 +13,7 @@ import struct
 import pytest
 import trio
 
-from bdev import BdevRegistry, MallocBdev
+from bdev import BdevError, BdevRegistry, MallocBdev
 from blockfs.nbd import serve_nbd
 from kernel_target import in_ci
 
@@ -569,3 +569,68 @@ async def test_cancelling_serve_nbd_closes_connections(registry):
     await negotiating.aclose()
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", p)
+
+
+class FlakyBdev(MallocBdev):
+    """A MallocBdev whose blocks from `bad_lba` on fail every I/O with EIO."""
+
+    bad_lba = 1024
+
+    async def _submit_read(self, ctx, lba, nblocks, buf):
+        if lba + nblocks > self.bad_lba:
+            raise BdevError(errno.EIO, "medium error")
+        await super()._submit_read(ctx, lba, nblocks, buf)
+
+    async def _submit_write(self, ctx, lba, nblocks, data, fua):
+        if lba + nblocks > self.bad_lba:
+            raise BdevError(errno.EIO, "medium error")
+        await super()._submit_write(ctx, lba, nblocks, data, fua)
+
+    async def _submit_write_zeroes(self, ctx, lba, nblocks):
+        if lba + nblocks > self.bad_lba:
+            raise BdevError(errno.EIO, "medium error")
+        await super()._submit_write_zeroes(ctx, lba, nblocks)
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+@timeboxed(30)
+async def test_bdev_errors_become_nbd_errors(nursery, structured):
+    reg = BdevRegistry(examine_modules=[])
+    bdev = FlakyBdev("flaky0", 2048, 512)
+    await reg.register(bdev)
+    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    c = await RawClient.connect(p)
+    await c.go("flaky0", structured=structured)
+    bad = FlakyBdev.bad_lba * 512
+
+    async def expect(handle: int, err: int) -> None:
+        if structured and err:
+            flags, rtype, h, payload = await c.chunk()
+            assert (flags, rtype, h) == (1, 0x8001, handle)
+            e, mlen = struct.unpack_from(">IH", payload)
+            assert e == err and b"medium error" in payload[6 : 6 + mlen]
+        else:
+            assert await c.simple_reply() == (err, handle, b"")
+
+    await c.request(CMD_READ, 1, bad, 4096)
+    await expect(1, errno.EIO)
+    await c.request(CMD_WRITE, 2, bad, 512, data=b"x" * 512)
+    await expect(2, errno.EIO)
+    await c.request(CMD_WZ, 3, bad - 512, 1024, flags=0x3)  # FUA | NO_HOLE
+    await expect(3, errno.EIO)
+    # Good I/O on the same connection, including FUA trim/write-zeroes and zero lengths.
+    await c.request(CMD_WRITE, 4, 0, 1024, data=b"y" * 1024)
+    await expect(4, 0)
+    await c.request(CMD_TRIM, 5, 0, 512, flags=1)
+    await expect(5, 0)
+    await c.request(CMD_WZ, 6, 512, 100, flags=1)
+    await expect(6, 0)
+    for h, cmd in ((7, CMD_WRITE), (8, CMD_TRIM), (9, CMD_WZ)):
+        await c.request(cmd, h, 0, 0)
+        await expect(h, 0)
+    flushes = bdev.flushes
+    await c.request(CMD_FLUSH, 10)
+    await expect(10, 0)
+    assert bdev.flushes > flushes
+    assert await bdev_bytes(bdev, 0, 1024) == bytes(612) + b"y" * 412
+    await c.aclose()

@@ -570,3 +570,16 @@ def test_error_chunk_golden():
 
 def test_none_chunk_golden():
     assert none_chunk(9) == bytes.fromhex("668e33ef" "0001" "0000" "0000000000000009" "00000000")
+
+
+def test_export_name_over_4096_bytes():
+    hs = negotiating()
+    hs.receive_data(opt(Opt.INFO, info_data(b"x" * 4097)))
+    assert hs.next_event() is NEED_DATA
+    assert struct.unpack_from(">I", hs.data_to_send(), 12)[0] == Rep.ERR_INVALID
+    hs.receive_data(opt(Opt.EXPORT_NAME, b"x" * 4097))
+    assert isinstance(hs.next_event(), Closed)
+
+
+def test_need_data_repr():
+    assert repr(NEED_DATA) == "NEED_DATA"
