@@ -634,3 +634,27 @@ async def test_bdev_errors_become_nbd_errors(nursery, structured):
     assert bdev.flushes > flushes
     assert await bdev_bytes(bdev, 0, 1024) == bytes(612) + b"y" * 412
     await c.aclose()
+
+
+@timeboxed(30)
+async def test_partitions_are_exported_by_name(nursery):
+    need("nbdinfo", "qemu-io")
+    reg = BdevRegistry()  # with the partition examine module
+    await reg.register(MallocBdev("malloc0", 16 * MiB // 512, 512))
+    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    # Write an MBR with one partition (sectors 2048..10239) through NBD, then re-examine.
+    entry = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, 8192)
+    mbr = bytes(446) + entry + bytes(48) + b"\x55\xaa"
+    c = await RawClient.connect(p)
+    await c.go("malloc0")
+    await c.request(CMD_WRITE, 1, 0, 512, data=mbr)
+    assert await c.simple_reply() == (0, 1, b"")
+    await reg.reexamine("malloc0")
+    assert [b.name for b in reg.bdevs()] == ["malloc0", "malloc0p1"]
+    listing = json.loads(await run("nbdinfo", "--list", "--json", uri(p)))
+    sizes = {e["export-name"]: e["export-size"] for e in listing["exports"]}
+    assert sizes == {"malloc0": 16 * MiB, "malloc0p1": 4 * MiB}
+    await run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1000 100", uri(p, "malloc0p1"))
+    await c.request(CMD_READ, 2, 2048 * 512 + 1000, 100)
+    assert await c.simple_reply(100) == (0, 2, b"\x5a" * 100)
+    await c.aclose()
