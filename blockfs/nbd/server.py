@@ -8,10 +8,12 @@ Per connection:
   are read when the client asks (NBD_OPT_INFO/GO), so a resized bdev shows its new size to new
   connections; GO opens a descriptor whose "remove" event closes the connection.
 - transmission: one reader task (`recv_into` straight into the `RequestReader` buffer, every
-  buffered request parsed per wakeup), one task per request (replies go out of order), and one
-  writer task that sends every reply queued since it last ran with a single `sendmsg` (the only
-  task that writes to the socket, so it doubles as the send lock).  The reader stops reading
-  while MAX_INFLIGHT requests or INFLIGHT_BYTES of payload are unanswered.
+  buffered request parsed per wakeup) feeding a queue; up to MAX_WORKERS worker tasks execute
+  requests concurrently (replies go out of order; a pool, not a task per request: a busy worker
+  takes the next request without a park/wake, and no Task is built per request); and one writer
+  task that sends every reply queued since it last ran with a single `sendmsg` (the only task
+  that writes to the socket, so it doubles as the send lock).  The reader stops reading while
+  MAX_INFLIGHT requests or INFLIGHT_BYTES of payload are unanswered.
 - BdevError -> NBD error at one place (`_execute`), via `_protocol.nbd_errno`.
 """
 
