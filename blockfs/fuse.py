@@ -1,0 +1,662 @@
+"""The FUSE frontend: every registered bdev as a regular file in one flat directory (pyfuse3 on trio).
+
+What it does:
+- `BlockFs(registry, ...)`, a `pyfuse3.Operations`: the root lists one file per bdev, live (a registry
+  listener adds and removes entries; a resize invalidates the kernel's attributes and pages for that
+  inode from a worker thread, since `pyfuse3.invalidate_inode` may block). st_size is the exact bdev
+  size, st_blksize its block size.
+- read/write at any offset and length through a per-open-file I/O channel (the byte API; unaligned
+  writes are read-modify-written by the bdev layer). Like a Linux block device: a read at or past the
+  end returns b"" (or a short read), a write starting at the end fails with ENOSPC, one crossing it
+  is cut short at the end.
+- fsync/fdatasync -> bdev flush (close-time `flush` does nothing: it is not a durability point);
+  fallocate: PUNCH_HOLE|KEEP_SIZE -> unmap (when unmapped blocks read back as zeroes, else write
+  zeroes), ZERO_RANGE -> write zeroes, mode 0 / KEEP_SIZE within the size -> success, else EOPNOTSUPP.
+- O_TRUNC and truncate(2) are ignored, as opening /dev/sdX with O_TRUNC is: the size is the device's,
+  so `dd of=MOUNT/nvme0n1` works as it does on /dev/nvme0n1. create/mknod/mkdir/symlink/link/unlink/
+  rmdir/rename -> EPERM (EROFS on a read-only mount); chmod/chown -> EPERM (use the mount options).
+- When a handle that wrote to a whole-device file (not a partition) is released, the registry
+  re-reads that device's partition table in the background (udev's "watch" rule), so `sgdisk` on the
+  file makes the partition files appear.
+- Errors: `_errno_boundary` is the one place where a `BdevError` becomes `FUSEError(e.errno)`; it is
+  the only exception a handler raises (a bug becomes EIO and a logged traceback, not a dead mount).
+
+Decisions:
+- direct_io (default on): a partition file and its disk file alias the same blocks, and other
+  initiators or an NBD client may write the namespace, so the kernel page cache would serve stale
+  data; resize also never leaves cached pages past the new end. Measured with fio (4 KiB random
+  reads, QD32) it costs nothing for O_DIRECT users; buffered sequential readers lose readahead.
+  Shared writable mmap is then unavailable (FUSE limitation).
+- fallocate: pyfuse3 (3.5) has no fallocate handler, so the kernel would answer EOPNOTSUPP. The mount
+  installs one into the libfuse session (`_FallocateHook`, ctypes), after checking the layout it
+  patches; if that check fails it logs a warning and fallocate stays unsupported.
+
+What it does not do: the CLI, daemonizing, or choosing bdevs (`serve_fuse` shows the registry as is).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from bdev import Bdev, BdevError, BdevRegistry, IoChannel, IoType
+
+__all__ = ["BlockFs", "serve_fuse"]
+
+log = logging.getLogger(__name__)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+ROOT = pyfuse3.ROOT_INODE
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errno_boundary(fn: _F) -> _F:
+    """The single translation point: BdevError -> FUSEError(errno); anything else -> EIO + log."""
+
+    @functools.wraps(fn)
+    async def handler(*args: Any) -> Any:
+        try:
+            return await fn(*args)
+        except BdevError as e:
+            raise FUSEError(e.errno) from None
+        except FUSEError:
+            raise
+        except Exception:
+            log.exception("FUSE %s%r failed", fn.__name__, args[1:])
+            raise FUSEError(errno.EIO) from None
+
+    return handler  # type: ignore[return-value]
+
+
+class _Entry:
+    """A file in the root directory: one bdev. Kept (gone=True) while the kernel still knows it."""
+
+    __slots__ = ("inode", "name", "bdev", "lookups", "handles", "gone", "ctime_ns", "invalidating", "again")
+
+    def __init__(self, inode: int, bdev: Bdev) -> None:
+        self.inode = inode
+        self.name = bdev.name.encode()
+        self.bdev = bdev
+        self.lookups = 0
+        self.handles = 0
+        self.gone = False
+        self.ctime_ns = time.time_ns()
+        self.invalidating = False
+        self.again = False
+
+
+class _Handle:
+    __slots__ = ("entry", "bdev", "channel", "writable", "wrote")
+
+    def __init__(self, entry: _Entry, channel: IoChannel, writable: bool) -> None:
+        self.entry = entry
+        self.bdev = entry.bdev
+        self.channel = channel
+        self.writable = writable
+        self.wrote = False
+
+
+class BlockFs(pyfuse3.Operations):
+    """One regular file per registered bdev, in a flat root directory."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        registry: BdevRegistry,
+        *,
+        read_only: bool = False,
+        uid: int | None = None,
+        gid: int | None = None,
+        mode: int = 0o600,
+        direct_io: bool = True,
+        attr_timeout: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.registry = registry
+        self.read_only = read_only
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.mode = (mode & 0o7777) & (~0o222 if read_only else 0o7777)
+        self.direct_io = direct_io
+        self.attr_timeout = attr_timeout
+        self._by_name: dict[bytes, _Entry] = {}
+        self._by_inode: dict[int, _Entry] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._next_inode = ROOT + 1
+        self._next_fh = 1
+        self._nursery: trio.Nursery | None = None  # set while mounted
+        self._mounted_ns = time.time_ns()
+        for b in registry.bdevs():
+            self._add(b)
+        registry.add_listener(self._on_registry_event)
+
+    # -- lifecycle (serve_fuse) ---------------------------------------------------------------------
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Mounted: background work (invalidation, re-examine, fallocate) runs in `nursery`."""
+        self._nursery = nursery
+
+    def detach(self) -> None:
+        self._nursery = None
+
+    def close(self) -> None:
+        self.registry.remove_listener(self._on_registry_event)
+        for h in self._handles.values():
+            h.channel.close()
+        self._handles.clear()
+
+    # -- the registry's view -----------------------------------------------------------------------
+
+    def _add(self, bdev: Bdev) -> None:
+        name = bdev.name.encode()
+        if name in self._by_name or b"/" in name or name in (b"", b".", b".."):
+            log.warning("bdev %r cannot be shown as a file", bdev.name)
+            return
+        entry = _Entry(self._next_inode, bdev)
+        self._next_inode += 1
+        self._by_name[name] = entry
+        self._by_inode[entry.inode] = entry
+
+    def _on_registry_event(self, event: str, bdev: Bdev) -> None:
+        if event == "add":
+            self._add(bdev)
+            return
+        entry = self._by_name.get(bdev.name.encode())
+        if entry is None or entry.bdev is not bdev:
+            return
+        if event == "remove":
+            del self._by_name[entry.name]
+            entry.gone = True
+            self._maybe_forget(entry)
+            if self._nursery is not None:
+                pyfuse3.invalidate_entry_async(ROOT, entry.name, deleted=entry.inode, ignore_enoent=True)
+        elif event == "resize":
+            entry.ctime_ns = time.time_ns()
+            self._invalidate_soon(entry)
+
+    def _invalidate_soon(self, entry: _Entry) -> None:
+        """Drop the kernel's attributes and pages of `entry` without blocking the trio loop."""
+        if self._nursery is None:
+            return
+        if entry.invalidating:
+            entry.again = True  # the running invalidation may predate this resize: do another
+            return
+        entry.invalidating = True
+        self._nursery.start_soon(self._invalidate, entry)
+
+    async def _invalidate(self, entry: _Entry) -> None:
+        try:
+            while True:
+                entry.again = False
+                try:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, entry.inode, False)
+                except OSError as e:  # ENOENT: the kernel has not cached this inode
+                    log.debug("invalidate_inode(%s): %s", entry.name, e)
+                if not entry.again:
+                    break
+        finally:
+            entry.invalidating = False
+
+    def _maybe_forget(self, entry: _Entry) -> None:
+        if entry.gone and entry.lookups <= 0 and entry.handles <= 0:
+            self._by_inode.pop(entry.inode, None)
+
+    # -- attributes --------------------------------------------------------------------------------
+
+    def _entry(self, inode: int) -> _Entry:
+        entry = self._by_inode.get(inode)
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        return entry
+
+    def _attrs(self, entry: _Entry) -> pyfuse3.EntryAttributes:
+        bdev = entry.bdev
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = entry.inode
+        a.generation = 0
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        mode = self.mode & ~0o222 if bdev.read_only else self.mode
+        a.st_mode = stat.S_IFREG | mode
+        a.st_nlink = 0 if entry.gone else 1
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_rdev = 0
+        a.st_size = 0 if entry.gone else bdev.size
+        a.st_blksize = bdev.block_size
+        a.st_blocks = -(-a.st_size // 512)
+        a.st_atime_ns = self._mounted_ns
+        a.st_mtime_ns = entry.ctime_ns
+        a.st_ctime_ns = entry.ctime_ns
+        return a
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ROOT
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        dmode = 0o755 & ~0o222 if self.read_only else 0o755
+        a.st_mode = stat.S_IFDIR | dmode
+        a.st_nlink = 2
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_size = 0
+        a.st_blksize = 4096
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._mounted_ns
+        return a
+
+    @_errno_boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._root_attrs()
+        return self._attrs(self._entry(inode))
+
+    @_errno_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._root_attrs()
+        entry = self._by_name.get(name)
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        entry.lookups += 1
+        return self._attrs(entry)
+
+    @_errno_boundary
+    async def forget(self, inode_list: Any) -> None:
+        for inode, n in inode_list:
+            entry = self._by_inode.get(inode)
+            if entry is not None:
+                entry.lookups -= n
+                self._maybe_forget(entry)
+
+    @_errno_boundary
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size:
+                raise FUSEError(errno.EPERM)
+            return self._root_attrs()
+        entry = self._entry(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise FUSEError(errno.EPERM)
+        # update_size: ignored, as O_TRUNC / truncate on a block device; times: accepted, not kept.
+        return self._attrs(entry)
+
+    @_errno_boundary
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        total = sum(e.bdev.size for e in self._by_name.values())
+        s.f_blocks = total // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self._by_name) + 1
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directory ---------------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != ROOT:
+            raise FUSEError(errno.ENOTDIR)
+        return ROOT
+
+    @_errno_boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        # next_id = the inode number: inodes only grow, so removals and additions never make a
+        # listing repeat or skip a name.
+        for entry in sorted(self._by_name.values(), key=lambda e: e.inode):
+            if entry.inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, entry.name, self._attrs(entry), entry.inode):
+                break
+            entry.lookups += 1
+
+    @_errno_boundary
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    # -- namespace changes: not on a device directory ---------------------------------------------
+
+    def _no(self) -> FUSEError:
+        return FUSEError(errno.EROFS if self.read_only else errno.EPERM)
+
+    @_errno_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        if name in self._by_name:
+            raise FUSEError(errno.EEXIST)
+        raise self._no()
+
+    @_errno_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        raise self._no()
+
+    @_errno_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        raise self._no()
+
+    @_errno_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        raise self._no()
+
+    @_errno_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        raise self._no()
+
+    @_errno_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise self._no()
+
+    @_errno_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise self._no()
+
+    @_errno_boundary
+    async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, ctx: Any) -> None:
+        raise self._no()
+
+    # -- files -------------------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        entry = self._entry(inode)
+        if entry.gone:
+            raise FUSEError(errno.ENODEV)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and (self.read_only or entry.bdev.read_only):
+            raise FUSEError(errno.EROFS)
+        channel = entry.bdev.get_io_channel()
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(entry, channel, writable)
+        entry.handles += 1
+        # O_TRUNC is ignored (block-device semantics); O_DIRECT always gets direct I/O.
+        direct = self.direct_io or bool(flags & os.O_DIRECT)
+        return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=False)
+
+    @_errno_boundary
+    async def read(self, fh: int, off: int, size: int) -> Any:
+        h = self._handles[fh]
+        end = h.bdev.size
+        if off >= end:
+            return b""
+        if off + size > end:
+            size = end - off
+        return await h.channel.read(off, size)
+
+    @_errno_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handles[fh]
+        if self.read_only:
+            raise FUSEError(errno.EROFS)
+        if not h.writable:
+            raise FUSEError(errno.EBADF)
+        end = h.bdev.size
+        n = len(buf)
+        if off >= end:
+            raise FUSEError(errno.ENOSPC)
+        if off + n > end:
+            n = end - off  # a write crossing the end is cut short there (as on a block device)
+        h.wrote = True
+        await h.channel.write(off, memoryview(buf)[:n])
+        return n
+
+    @_errno_boundary
+    async def flush(self, fh: int) -> None:
+        pass  # close(2) is not a durability point; fsync is
+
+    @_errno_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._handles[fh].channel.flush()
+
+    @_errno_boundary
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        h.channel.close()
+        entry = h.entry
+        entry.handles -= 1
+        self._maybe_forget(entry)
+        bdev = h.bdev
+        if h.wrote and bdev.base is None and not bdev.removed and self._nursery is not None:
+            self._nursery.start_soon(self._reexamine, bdev)
+
+    async def _reexamine(self, bdev: Bdev) -> None:
+        if self.registry.get(bdev.name) is not bdev:
+            return
+        try:
+            await self.registry.reexamine(bdev.name)
+        except BdevError as e:
+            log.info("re-examine of %s after a write skipped: %s", bdev.name, e)
+
+    @_errno_boundary
+    async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a device file (reached through `_FallocateHook`)."""
+        entry = self._entry(inode)
+        bdev = entry.bdev
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise FUSEError(errno.EOPNOTSUPP)
+        if (mode & FALLOC_FL_PUNCH_HOLE) and (mode & FALLOC_FL_ZERO_RANGE):
+            raise FUSEError(errno.EINVAL)
+        if offset < 0 or length <= 0:
+            raise FUSEError(errno.EINVAL)
+        if self.read_only or bdev.read_only:
+            raise FUSEError(errno.EROFS)
+        size = bdev.size
+        end = offset + length
+        if not (mode & FALLOC_FL_KEEP_SIZE) and end > size:
+            raise FUSEError(errno.ENOSPC)  # the file cannot grow
+        if not (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)):
+            return  # plain allocation: every block of a device already exists
+        end = min(end, size)
+        if offset >= end:
+            return
+        ch = bdev.get_io_channel()
+        try:
+            if (mode & FALLOC_FL_PUNCH_HOLE) and bdev.unmap_zeroes and bdev.io_type_supported(IoType.UNMAP):
+                await ch.unmap(offset, end - offset)
+            else:
+                await ch.write_zeroes(offset, end - offset)
+        finally:
+            ch.close()
+        if bdev.base is None and not bdev.removed and self._nursery is not None:
+            self._nursery.start_soon(self._reexamine, bdev)  # it may have wiped a table
+
+
+class _FallocateHook:
+    """Adds a fallocate handler to the live libfuse session that pyfuse3 created.
+
+    pyfuse3 fills a `struct fuse_lowlevel_ops` (its static `fuse_ops`) and `fuse_session_new` copies
+    it into the session; libfuse looks up `se->op.fallocate` on every FALLOCATE request. We find
+    both statics in pyfuse3's symbol table, find the copy inside the session by its exact bytes,
+    check the slots around `fallocate` hold what pyfuse3 3.x sets (so a different layout is refused,
+    never patched), and write a ctypes callback there. The callback runs on the trio thread inside
+    `fuse_session_process_buf`; it starts a task that does the I/O and answers with `fuse_reply_err`.
+    """
+
+    # struct fuse_lowlevel_ops slot numbers (fuse_lowlevel.h, libfuse 3.x; the ABI only appends)
+    _SLOTS = {"init": 0, "lookup": 2, "open": 14, "read": 15, "readdir": 21, "getlk": 31, "setlk": 32,
+              "bmap": 33, "ioctl": 34, "poll": 35, "write_buf": 36, "retrieve_reply": 37,
+              "forget_multi": 38, "flock": 39, "fallocate": 40, "readdirplus": 41}
+    _SET = ("init", "lookup", "open", "read", "poll", "write_buf", "forget_multi", "readdirplus")
+    _UNSET = ("readdir", "getlk", "setlk", "bmap", "ioctl", "retrieve_reply", "flock", "fallocate")
+    _CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_void_p)
+
+    def __init__(self, fs: BlockFs) -> None:
+        self.fs = fs
+        self._cb = self._CB(self._on_fallocate)  # must outlive the session
+        self._reply_err: Any = None
+
+    def install(self) -> bool:
+        try:
+            return self._install()
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            log.warning("fallocate on the mount is unsupported (cannot extend pyfuse3: %s)", e)
+            return False
+
+    def _install(self) -> bool:
+        path = pyfuse3.__file__
+        syms = _elf_symbols(path, {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_fuse_ops", "__pyx_v_7pyfuse3_session"})
+        if len(syms) != 3:
+            raise ValueError(f"symbols not found in {path}")
+        lib = ctypes.CDLL(path)
+        bias = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"][0]
+        ops_addr = bias + syms["__pyx_v_7pyfuse3_fuse_ops"][0]
+        ops_size = syms["__pyx_v_7pyfuse3_fuse_ops"][1]
+        if ops_size < (self._SLOTS["readdirplus"] + 1) * 8:
+            raise ValueError(f"fuse_lowlevel_ops of {ops_size} bytes is too small")
+        if not self._layout_ok(ops_addr):
+            raise ValueError("pyfuse3's fuse_ops does not have the expected layout")
+        session = ctypes.c_void_p.from_address(bias + syms["__pyx_v_7pyfuse3_session"][0]).value
+        if not session:
+            raise ValueError("no FUSE session (call after pyfuse3.init)")
+        ops = ctypes.string_at(ops_addr, ops_size)
+        for off in range(0, 256, 8):  # `op` sits a few fields into struct fuse_session
+            if ctypes.string_at(session + off, ops_size) == ops:
+                break
+        else:
+            raise ValueError("the session's copy of fuse_ops was not found")
+        libfuse = ctypes.CDLL("libfuse3.so.3")
+        self._reply_err = libfuse.fuse_reply_err
+        self._reply_err.argtypes = (ctypes.c_void_p, ctypes.c_int)
+        self._reply_err.restype = ctypes.c_int
+        slot = ctypes.c_void_p.from_address(session + off + 8 * self._SLOTS["fallocate"])
+        slot.value = ctypes.cast(self._cb, ctypes.c_void_p).value
+        log.debug("fallocate handler installed in the FUSE session")
+        return True
+
+    def _layout_ok(self, ops_addr: int) -> bool:
+        def slot(name: str) -> int:
+            return ctypes.c_void_p.from_address(ops_addr + 8 * self._SLOTS[name]).value or 0
+
+        return all(slot(n) for n in self._SET) and not any(slot(n) for n in self._UNSET)
+
+    def _on_fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, fi: int) -> None:
+        # Called from C: nothing may escape. No nursery (not serving): fail the request.
+        try:
+            nursery = self.fs._nursery
+            if nursery is None:
+                self._reply_err(req, errno.EIO)
+                return
+            nursery.start_soon(self._run, req, ino, mode, offset, length)
+        except BaseException:
+            log.exception("fallocate dispatch failed")
+            self._reply_err(req, errno.EIO)
+
+    async def _run(self, req: int, ino: int, mode: int, offset: int, length: int) -> None:
+        err = errno.EINTR  # cancelled (unmount): still answer, while the session exists
+        try:
+            await self.fs.fallocate(ino, mode, offset, length)
+            err = 0
+        except FUSEError as e:
+            err = e.errno
+        finally:
+            self._reply_err(req, err)
+
+
+def _elf_symbols(path: str, wanted: set[str]) -> dict[str, tuple[int, int]]:
+    """{name: (st_value, st_size)} for `wanted` names in an ELF64 little-endian file's symbol tables."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError(f"{path} is not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    found: dict[str, tuple[int, int]] = {}
+    for _name, sh_type, _fl, _addr, offset, size, link, _info, _align, entsize in sections:
+        if sh_type not in (2, 11) or entsize != 24:  # SHT_SYMTAB, SHT_DYNSYM
+            continue
+        str_off = sections[link][4]
+        for pos in range(offset, offset + size, 24):
+            st_name, _info, _other, shndx, value, st_size = struct.unpack_from("<IBBHQQ", data, pos)
+            if not st_name or not shndx:
+                continue
+            end = data.index(b"\0", str_off + st_name)
+            name = data[str_off + st_name : end].decode("ascii", "replace")
+            if name in wanted:
+                found[name] = (value, st_size)
+    return found
+
+
+_served = False
+
+
+async def serve_fuse(
+    registry: BdevRegistry,
+    mountpoint: str | os.PathLike[str],
+    *,
+    read_only: bool = False,
+    allow_other: bool = False,
+    uid: int | None = None,
+    gid: int | None = None,
+    mode: int = 0o600,
+    direct_io: bool = True,
+    max_tasks: int = 64,
+    fsname: str = "blockfs",
+    debug: bool = False,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount `registry` at `mountpoint` and serve it until unmounted (returns) or cancelled
+    (unmounts, then re-raises the cancellation).
+
+    `task_status.started(fs)` hands over the `BlockFs` once the mount is live. pyfuse3 keeps its
+    session in module globals: one mount per process, a second call raises RuntimeError.
+    """
+    global _served
+    if _served:
+        raise RuntimeError("serve_fuse: pyfuse3 supports one mount per process")
+    _served = True
+    fs = BlockFs(registry, read_only=read_only, uid=uid, gid=gid, mode=mode, direct_io=direct_io)
+    options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=blockfs", "default_permissions"}
+    if allow_other:
+        options.add("allow_other")
+    if read_only:
+        options.add("ro")
+    if debug:
+        options.add("debug")
+    mountpoint = os.fspath(mountpoint)
+    try:
+        pyfuse3.init(fs, mountpoint, options)
+    except BaseException:
+        fs.close()
+        raise
+    hook = _FallocateHook(fs)
+    hook.install()
+    try:
+        async with trio.open_nursery() as nursery:
+            fs.attach(nursery)
+            task_status.started(fs)
+            log.info("FUSE mounted at %s (%d files)", mountpoint, len(registry.bdevs()))
+            try:
+                await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+            finally:
+                fs.detach()
+                nursery.cancel_scope.cancel()
+    finally:
+        # Background tasks (fallocate replies, invalidation threads) are done: the session may go.
+        fs.close()
+        pyfuse3.close(unmount=True)
+        log.info("FUSE unmounted from %s", mountpoint)

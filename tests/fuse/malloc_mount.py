@@ -1,0 +1,108 @@
+"""Test-only runner: MallocBdevs in a registry, served by blockfs.fuse.serve_fuse in this process.
+
+    python tests/fuse/malloc_mount.py MOUNTPOINT [--read-only] [--fixture NAME] [--mode 0600]
+
+Bdevs: malloc0 (64 MiB, 512-byte blocks, blank), malloc1 (16 MiB, 4096-byte blocks, blank) and, with
+--fixture, "fixture0" loaded from tests/fixtures/partitions/NAME.json.gz (examined at start).
+Prints "READY" on stdout once mounted. SIGTERM/SIGINT unmount and exit 0.
+Control: write lines to MOUNTPOINT's sibling file `<mountpoint>.ctl`, then send SIGUSR1:
+    resize NAME NUM_BLOCKS      (MallocBdev.resize -> resize event)
+    remove NAME                 (registry.unregister)
+    add NAME NUM_BLOCKS BS      (a new blank MallocBdev)
+Each command's outcome is appended to `<mountpoint>.ctl.out` ("ok ..." or "error ...").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bdev import BdevError, BdevRegistry, MallocBdev  # noqa: E402
+from blockfs.fuse import serve_fuse  # noqa: E402
+
+
+def load_fixture(name: str) -> MallocBdev:
+    doc = json.loads(gzip.decompress((ROOT / "tests/fixtures/partitions" / f"{name}.json.gz").read_bytes()))
+    b = MallocBdev("fixture0", doc["num_blocks"], doc["block_size"])
+    for off, data in doc["extents"]:
+        raw = bytes.fromhex(data)
+        b._buf[off : off + len(raw)] = raw
+    return b
+
+
+async def control(registry: BdevRegistry, ctl: Path) -> None:
+    out = ctl.with_name(ctl.name + ".out")
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            lines = ctl.read_text().splitlines() if ctl.exists() else []
+            ctl.write_text("")
+            for line in lines:
+                words = line.split()
+                try:
+                    if words[0] == "resize":
+                        registry.get(words[1]).resize(int(words[2]))
+                    elif words[0] == "remove":
+                        await registry.unregister(words[1])
+                    elif words[0] == "add":
+                        await registry.register(MallocBdev(words[1], int(words[2]), int(words[3])))
+                    msg = f"ok {line}"
+                except (BdevError, AttributeError, IndexError, ValueError) as e:
+                    msg = f"error {line}: {e!r}"
+                with out.open("a") as f:
+                    f.write(msg + "\n")
+
+
+async def main(args: argparse.Namespace) -> None:
+    registry = BdevRegistry()
+    await registry.register(MallocBdev("malloc0", 64 * 2048, 512))
+    await registry.register(MallocBdev("malloc1", 16 * 256, 4096))
+    if args.fixture:
+        await registry.register(load_fixture(args.fixture))
+    ctl = Path(args.mountpoint + ".ctl")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control, registry, ctl)
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await nursery.start(
+            lambda task_status: serve_fuse(
+                registry,
+                args.mountpoint,
+                read_only=args.read_only,
+                mode=int(args.mode, 8),
+                direct_io=not args.page_cache,
+                max_tasks=args.max_tasks,
+                task_status=task_status,
+            )
+        )
+        print("READY", flush=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("mountpoint")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--fixture")
+    p.add_argument("--mode", default="0600")
+    p.add_argument("--page-cache", action="store_true", help="direct_io off (for measurements)")
+    p.add_argument("--max-tasks", type=int, default=64)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args()
+    logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    trio.run(main, a)

@@ -1,0 +1,289 @@
+"""A real FUSE mount of MallocBdevs (tests/fuse/malloc_mount.py in a subprocess), driven with the
+tools and syscalls a user would use: ls, stat, dd, pread/pwrite, O_DIRECT, fsync, fallocate,
+sgdisk, mkfs.ext4/e2fsck, fio."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import mmap
+import os
+import random
+import shutil
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+
+pytestmark = pytest.mark.fuse
+
+MIB = 1 << 20
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_ZERO_RANGE = 1, 2, 8, 16
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def wait_until(pred, timeout: float = 5.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def run(*cmd: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed (scripts/setup-system)")
+
+
+def oserror(fn, *args) -> int:
+    with pytest.raises(OSError) as ei:
+        fn(*args)
+    return ei.value.errno
+
+
+def test_listing_and_stat(mount):
+    names = sorted(os.listdir(mount.path))
+    assert names == ["fixture0", "fixture0p1", "fixture0p2", "fixture0p3", "malloc0", "malloc1"]
+    st = os.stat(mount / "malloc0")
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_size == 64 * MIB and st.st_blksize == 512
+    st1 = os.stat(mount / "malloc1")
+    assert st1.st_size == 16 * MIB and st1.st_blksize == 4096
+    assert os.stat(mount / "fixture0p2").st_size == 2 * MIB
+    assert not os.path.exists(mount / "nope")
+    assert os.statvfs(mount.path).f_files >= 6
+
+
+def test_dd_round_trip_and_o_trunc_is_ignored(mount, tmp_path):
+    data = tmp_path / "data"
+    data.write_bytes(random.randbytes(3 * MIB + 4096))
+    run("dd", f"if={data}", f"of={mount / 'malloc0'}", "bs=1M", "seek=1", "conv=notrunc,fsync", "status=none")
+    back = tmp_path / "back"
+    run("dd", f"if={mount / 'malloc0'}", f"of={back}", "bs=1M", "skip=1", "count=4", "status=none")
+    assert back.read_bytes()[: len(data.read_bytes())] == data.read_bytes()
+    # `dd of=` without notrunc opens with O_TRUNC: like /dev/sdX, nothing is truncated
+    small = tmp_path / "small"
+    small.write_bytes(b"\x5a" * 4096)
+    run("dd", f"if={small}", f"of={mount / 'malloc0'}", "status=none")
+    assert wait_until(lambda: os.stat(mount / "malloc0").st_size == 64 * MIB, 2)
+    with open(mount / "malloc0", "rb") as f:
+        assert f.read(4096) == b"\x5a" * 4096
+        f.seek(1 * MIB)
+        assert f.read(len(data.read_bytes())) == data.read_bytes()
+    os.truncate(mount / "malloc0", 100)  # ignored too
+    assert os.stat(mount / "malloc0").st_size == 64 * MIB
+
+
+def test_unaligned_pread_pwrite_match_a_model(mount):
+    rng = random.Random(7)
+    size = 4 * MIB  # a window of malloc1 (4096-byte blocks): every write is RMW-heavy
+    model = bytearray(size)
+    fd = os.open(mount / "malloc1", os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(size), 0)
+        for _ in range(400):
+            off = rng.randrange(size - 1)
+            n = rng.randrange(1, min(size - off, 20000) + 1)
+            if rng.random() < 0.6:
+                chunk = rng.randbytes(n)
+                assert os.pwrite(fd, chunk, off) == n
+                model[off : off + n] = chunk
+            else:
+                assert os.pread(fd, n, off) == model[off : off + n]
+        assert os.pread(fd, size, 0) == model
+    finally:
+        os.close(fd)
+
+
+def test_concurrent_unaligned_writers_on_one_block_lose_nothing(mount):
+    """Threads each own a 61-byte stripe of the same 4096-byte blocks and pwrite it repeatedly."""
+    path = mount / "malloc1"
+    writers, width, rounds = 16, 61, 60
+    base = 4096 * 3 + 5
+
+    def writer(i: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for r in range(rounds):
+                os.pwrite(fd, bytes([(i + r) % 250 + 1]) * width, base + i * width)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with open(path, "rb") as f:
+        f.seek(base)
+        got = f.read(writers * width)
+    for i in range(writers):
+        assert got[i * width : (i + 1) * width] == bytes([(i + rounds - 1) % 250 + 1]) * width, i
+
+
+def test_o_direct_aligned_io(mount):
+    fd = os.open(mount / "malloc1", os.O_RDWR | os.O_DIRECT)
+    try:
+        wbuf = mmap.mmap(-1, 64 * 1024)  # page-aligned, as O_DIRECT wants
+        wbuf.write(random.randbytes(64 * 1024))
+        assert os.pwritev(fd, [wbuf], 8 * MIB) == 64 * 1024
+        os.fsync(fd)
+        os.fdatasync(fd)
+        rbuf = mmap.mmap(-1, 64 * 1024)
+        assert os.preadv(fd, [rbuf], 8 * MIB) == 64 * 1024
+        assert rbuf[:] == wbuf[:]
+    finally:
+        os.close(fd)
+
+
+def test_eof_enospc_and_short_writes(mount):
+    path = mount / "malloc0"
+    size = 64 * MIB
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert os.pread(fd, 4096, size) == b""
+        assert os.pread(fd, 4096, size + 12345) == b""
+        assert len(os.pread(fd, 4096, size - 100)) == 100
+        assert oserror(os.pwrite, fd, b"x", size) == errno.ENOSPC
+        assert oserror(os.pwrite, fd, b"x" * 10, size + 4096) == errno.ENOSPC
+        assert os.pwrite(fd, b"y" * 300, size - 100) == 100  # cut short at the end
+        assert os.pread(fd, 100, size - 100) == b"y" * 100
+    finally:
+        os.close(fd)
+    assert os.stat(path).st_size == size
+
+
+def test_fallocate_punch_hole_zero_range_and_allocate(mount):
+    path = mount / "malloc0"
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\xee" * (1 * MIB), 0)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1000, 10000)  # unaligned edges
+        got = os.pread(fd, 1 * MIB, 0)
+        assert got[:1000] == b"\xee" * 1000 and got[1000:11000] == bytes(10000) and got[11000:] == b"\xee" * (
+            MIB - 11000
+        )
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 65536, 65536)
+        assert os.pread(fd, 65536, 65536) == bytes(65536)
+        os.posix_fallocate(fd, 0, 64 * MIB)  # every block exists already
+        assert oserror(os.posix_fallocate, fd, 0, 65 * MIB) == errno.ENOSPC
+        assert oserror(fallocate, fd, FALLOC_FL_COLLAPSE_RANGE, 0, 4096) == errno.EOPNOTSUPP
+        assert os.pread(fd, 4096, 200000) == b"\xee" * 4096
+    finally:
+        os.close(fd)
+    assert os.stat(path).st_size == 64 * MIB
+
+
+def test_namespace_changes_are_refused(mount):
+    p = mount.path
+    assert oserror(os.open, p / "new", os.O_CREAT | os.O_WRONLY) == errno.EPERM
+    assert oserror(os.mkdir, p / "d") == errno.EPERM
+    assert oserror(os.unlink, p / "malloc0") == errno.EPERM
+    assert oserror(os.rename, p / "malloc0", p / "x") == errno.EPERM
+    assert oserror(os.symlink, "malloc0", p / "l") == errno.EPERM
+    assert oserror(os.link, p / "malloc0", p / "h") == errno.EPERM
+    assert oserror(os.chmod, p / "malloc0", 0o666) == errno.EPERM
+    assert sorted(os.listdir(p))[-2:] == ["malloc0", "malloc1"]
+
+
+def test_sgdisk_on_the_file_makes_partition_files(mount):
+    need("sgdisk")
+    disk = mount / "malloc0"
+    run("sgdisk", "-o", "-n", "1:2048:+8M", "-n", "2:0:+16M", str(disk))  # closes the file: re-examine
+    assert wait_until(lambda: os.path.exists(mount / "malloc0p2"), 5)
+    assert os.stat(mount / "malloc0p1").st_size == 8 * MIB
+    assert os.stat(mount / "malloc0p2").st_size == 16 * MIB
+    with open(mount / "malloc0p2", "r+b") as f:
+        f.seek(12345)
+        f.write(b"through p2")
+    p2_start = (2048 + 8 * 2048) * 512
+    with open(disk, "rb") as f:
+        f.seek(p2_start + 12345)
+        assert f.read(10) == b"through p2"
+    # resize p2 in the table: the file follows; delete p1: its file goes
+    run("sgdisk", "-d", "2", "-n", "2:18432:+4M", "-d", "1", str(disk))
+    assert wait_until(lambda: not os.path.exists(mount / "malloc0p1"), 5)
+    assert wait_until(lambda: os.stat(mount / "malloc0p2").st_size == 4 * MIB, 5)
+    run("sgdisk", "-Z", str(disk))
+    assert wait_until(lambda: not os.path.exists(mount / "malloc0p2"), 5)
+
+
+def test_mkfs_ext4_and_fsck_on_a_partition(mount):
+    need("mkfs.ext4")
+    part = mount / "fixture0p3"
+    run("mkfs.ext4", "-q", "-F", str(part), timeout=120)
+    run("e2fsck", "-n", "-f", str(part), timeout=120)
+    out = run("dumpe2fs", "-h", str(part)).stdout
+    assert "clean" in out
+
+
+def test_resize_changes_stat_size_within_2s(mount):
+    path = mount / "malloc1"
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x77" * 4096, 12 * MIB)
+        assert os.fstat(fd).st_size == 16 * MIB
+        mount.command("resize malloc1 2048")  # 8 MiB
+        assert wait_until(lambda: os.stat(path).st_size == 8 * MIB, 2)
+        assert os.pread(fd, 4096, 12 * MIB) == b""  # past the new end: EOF, never the old data
+        assert oserror(os.pwrite, fd, b"z", 8 * MIB) == errno.ENOSPC
+        mount.command("resize malloc1 4096")
+        assert wait_until(lambda: os.stat(path).st_size == 16 * MIB, 2)
+        assert os.pread(fd, 4096, 12 * MIB) == bytes(4096)
+    finally:
+        os.close(fd)
+
+
+def test_hot_add_and_remove(mount):
+    mount.command("add extra0 100 512")
+    assert wait_until(lambda: os.path.exists(mount / "extra0"), 2)
+    assert os.stat(mount / "extra0").st_size == 51200
+    fd = os.open(mount / "extra0", os.O_RDWR)
+    try:
+        mount.command("remove extra0")
+        assert wait_until(lambda: "extra0" not in os.listdir(mount.path), 2)
+        assert oserror(os.pread, fd, 512, 0) == errno.ENODEV  # an open file errors, never hangs
+        assert oserror(os.pwrite, fd, b"x", 0) == errno.ENODEV
+    finally:
+        os.close(fd)
+    mount.command("remove fixture0")  # partitions go with their disk
+    assert wait_until(lambda: not any(n.startswith("fixture0") for n in os.listdir(mount.path)), 2)
+
+
+def test_fio_random_read_o_direct(mount):
+    need("fio")
+    out = run(
+        "fio", "--name=r", f"--filename={mount / 'malloc0'}", "--rw=randread", "--bs=4k", "--iodepth=32",
+        "--ioengine=libaio", "--direct=1", "--runtime=2", "--time_based", "--output-format=json",
+        timeout=60,
+    ).stdout
+    job = json.loads(out)["jobs"][0]
+    assert job["error"] == 0 and job["read"]["iops"] > 1000
+    print(f"\nfio 4k randread QD32 through FUSE: {job['read']['iops']:.0f} IOPS")
+
+
+def test_read_only_mount(make_mount):
+    m = make_mount("--read-only", "--mode", "0660")
+    path = m / "malloc0"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o440
+    assert oserror(os.open, path, os.O_RDWR) == errno.EROFS
+    assert oserror(os.open, m.path / "new", os.O_CREAT | os.O_WRONLY) == errno.EROFS
+    with open(path, "rb") as f:
+        assert f.read(512) == bytes(512)
