@@ -4,7 +4,8 @@
 
 Bdevs: malloc0 (64 MiB, 512-byte blocks, blank), malloc1 (16 MiB, 4096-byte blocks, blank) and, with
 --fixture, "fixture0" loaded from tests/fixtures/partitions/NAME.json.gz (examined at start).
-Prints "READY" on stdout once mounted. SIGTERM/SIGINT unmount and exit 0.
+Prints "READY" on stdout once mounted, "UNMOUNTED" if unmounted from outside (then exits 0).
+SIGTERM/SIGINT unmount and exit 0.
 Control: write lines to MOUNTPOINT's sibling file `<mountpoint>.ctl`, then send SIGUSR1:
     resize NAME NUM_BLOCKS      (MallocBdev.resize -> resize event)
     remove NAME                 (registry.unregister)
@@ -79,8 +80,9 @@ async def main(args: argparse.Namespace) -> None:
                     return
 
         nursery.start_soon(stop_on_signal)
-        await nursery.start(
-            lambda task_status: serve_fuse(
+
+        async def fuse(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+            await serve_fuse(
                 registry,
                 args.mountpoint,
                 read_only=args.read_only,
@@ -89,7 +91,10 @@ async def main(args: argparse.Namespace) -> None:
                 max_tasks=args.max_tasks,
                 task_status=task_status,
             )
-        )
+            print("UNMOUNTED", flush=True)  # `fusermount3 -u` ended the mount: serve_fuse returned
+            nursery.cancel_scope.cancel()
+
+        await nursery.start(fuse)
         print("READY", flush=True)
 
 

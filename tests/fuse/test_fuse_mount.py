@@ -287,3 +287,25 @@ def test_read_only_mount(make_mount):
     assert oserror(os.open, m.path / "new", os.O_CREAT | os.O_WRONLY) == errno.EROFS
     with open(path, "rb") as f:
         assert f.read(512) == bytes(512)
+
+
+def test_external_unmount_ends_serve_fuse(make_mount):
+    m = make_mount()
+    run("fusermount3", "-u", str(m.path))
+    assert m.proc.stdout.readline().strip() == "UNMOUNTED"
+    assert m.proc.wait(10) == 0
+    assert not os.path.ismount(m.path)
+
+
+def test_sigterm_unmounts_cleanly(make_mount):
+    m = make_mount()
+    fd = os.open(m / "malloc0", os.O_RDONLY)  # an open file does not keep the mount alive
+    try:
+        m.proc.terminate()
+        assert m.proc.wait(10) == 0
+        assert not os.path.ismount(m.path)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
