@@ -66,6 +66,7 @@ _OPC_READ = int(IoOpcode.READ)
 _OPC_WRITE = int(IoOpcode.WRITE)
 _OPC_FABRICS = int(AdminOpcode.FABRICS)
 _F_LAST = 0x04
+_SGL_TRANSPORT = SGL_TRANSPORT_DATA_BLOCK
 _F_LAST_SUCCESS = 0x0C
 DSM_AD = 1 << 2
 
@@ -336,7 +337,8 @@ class TargetQueue:
                 slba = c10 | (c11 << 32)
                 lbads = ns.lbads
                 n = nlb << lbads
-                if slba + nlb <= ns.nblocks and n <= sgl_len and n <= self.max_io:
+                if (slba + nlb <= ns.nblocks and n <= sgl_len and n <= self.max_io
+                        and sgl_type == _SGL_TRANSPORT):
                     buf = ns.backend.read(slba << lbads, n)
                     self.n_read += 1
                     self.b_read += n
@@ -543,6 +545,9 @@ class TargetQueue:
                 self._resp(cid, C.SGL_LENGTH_INVALID)
                 return
             if opc == IoOpcode.READ:
+                if sgl_type != SGL_TRANSPORT_DATA_BLOCK:
+                    self._resp(cid, C.SGL_TYPE_INVALID)
+                    return
                 buf = ns.backend.read(off, n)
                 self.n_read += 1
                 self.b_read += n
