@@ -219,7 +219,11 @@ class PduReceiver:
                            mv[r:r + hlen])
             resolver = self.sink_resolver
             if resolver is not None:
-                sink = resolver(ptype, mv[r:r + hlen])   # may raise RemoteProtocolError
+                try:
+                    sink = resolver(ptype, mv[r:r + hlen])   # may raise RemoteProtocolError
+                except RemoteProtocolError:
+                    self._state = ST_ERROR   # the owner's verdict is as fatal as ours
+                    raise
                 if sink is not None:
                     if len(sink) != dlen:
                         raise LocalProtocolError("sink length differs from DATAL")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._framing import HOST_ACCEPTS, PduReceiver
+from ._framing import HOST_ACCEPTS, ST_ERROR, PduReceiver
 from ._pdu import (
     CH, CMD_PDU, DATA_HDR, DDGSTF, DIGEST, HDGSTF, LAST_PDU, RESP_PDU, SUCCESS, build_icreq,
     build_term_req, data_offset, parse_ic, parse_term_req,
@@ -231,42 +231,48 @@ class HostQueue:
         if ev:
             return ev.pop(0)
         rx = self.rx
-        while True:
-            pdu = rx.next_pdu()
-            if pdu is None:
-                return None
-            ptype, flags, hdr, data, dok = pdu
-            if ptype == _RESP:
-                dw0, dw1, _sqhd, _sqid, cid, status = RESP_PDU.unpack_from(hdr, 0)[5:11]
-                if cid >= self.depth or not self._active[cid]:
-                    raise RemoteProtocolError(f"CapsuleResp for unknown CID {cid}",
-                                              TermReqFes.INVALID_HEADER_FIELD, 20, bytes(hdr))
-                if self._derr[cid] and status & 0xFFFE == 0:
-                    status = DIGEST_ERROR_STATUS
-                self._finish(cid)
-                return (COMPLETION, cid, status & 0xFFFE if status >= 0 else status, dw0, dw1)
-            if ptype == _C2H:
-                cid = DATA_HDR.unpack_from(hdr, 0)[5]
-                if not dok:
-                    self._derr[cid] = True
-                if flags & SUCCESS:
-                    status = 0
-                    if self._derr[cid]:
+        try:
+            while True:
+                pdu = rx.next_pdu()
+                if pdu is None:
+                    return None
+                ptype, flags, hdr, data, dok = pdu
+                if ptype == _RESP:
+                    dw0, dw1, _sqhd, _sqid, cid, status = RESP_PDU.unpack_from(hdr, 0)[5:11]
+                    if cid >= self.depth or not self._active[cid]:
+                        raise RemoteProtocolError(f"CapsuleResp for unknown CID {cid}",
+                                                  TermReqFes.INVALID_HEADER_FIELD, 20, bytes(hdr))
+                    if self._derr[cid] and status & 0xFFFE == 0:
                         status = DIGEST_ERROR_STATUS
-                    elif self._rxoff[cid] != len(self._rbuf[cid]):
-                        status = _SC_DATA_TRANSFER_ERROR
                     self._finish(cid)
-                    return (COMPLETION, cid, status, 0, 0)
-                continue
-            if ptype == _R2T:
-                out = self._on_r2t(hdr)
-                return (SEND, out)
-            if ptype == _ICRESP:
-                self._on_icresp(hdr)
-                return ev.pop(0)
-            # C2HTermReq
-            fes, fei = parse_term_req(hdr)
-            return (TERM, fes, fei)
+                    return (COMPLETION, cid, status & 0xFFFE if status >= 0 else status, dw0, dw1)
+                if ptype == _C2H:
+                    cid = DATA_HDR.unpack_from(hdr, 0)[5]
+                    if not dok:
+                        self._derr[cid] = True
+                    if flags & SUCCESS:
+                        status = 0
+                        if self._derr[cid]:
+                            status = DIGEST_ERROR_STATUS
+                        elif self._rxoff[cid] != len(self._rbuf[cid]):
+                            status = _SC_DATA_TRANSFER_ERROR
+                        self._finish(cid)
+                        return (COMPLETION, cid, status, 0, 0)
+                    continue
+                if ptype == _R2T:
+                    out = self._on_r2t(hdr)
+                    return (SEND, out)
+                if ptype == _ICRESP:
+                    self._on_icresp(hdr)
+                    return ev.pop(0)
+                # C2HTermReq
+                fes, fei = parse_term_req(hdr)
+                return (TERM, fes, fei)
+        except RemoteProtocolError:
+            # NVMe/TCP 3.6.2.4: a fatal transport error ends the connection. Violations found
+            # here (CID, ranges, ICResp parameters) leave the receiver in ERROR like its own.
+            rx._state = ST_ERROR
+            raise
 
     def _finish(self, cid: int) -> None:
         self._active[cid] = False
