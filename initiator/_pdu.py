@@ -16,7 +16,7 @@ import crc32c as _crc32c
 
 from ._spec import (
     NVME_TCP_DIGEST_LEN, PduFlags, PduType, PSDT_SGL, SGL_DATA_BLOCK_OFFSET,
-    SGL_TRANSPORT_DATA_BLOCK,
+    SGL_TRANSPORT_DATA_BLOCK, TermReqFes,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +93,10 @@ def parse_ic(hdr) -> tuple[int, int, bool, bool, int]:
 def build_term_req(pdu_type: int, fes: int, fei: int = 0, offending: bytes = b"") -> bytes:
     """A TermReq carrying up to 128 bytes of the offending PDU header."""
     data = bytes(offending[:TERM_REQ_MAX_PLEN - 24])
+    # NVMe/TCP 3.6.2.4: FEI is the offending field's byte offset for FES 01h (invalid header
+    # field) and 06h (unsupported parameter); for every other FES it is reserved: send zero.
+    if fes not in (TermReqFes.INVALID_HEADER_FIELD, TermReqFes.UNSUPPORTED_PARAMETER):
+        fei = 0
     return TERM.pack(pdu_type, 0, 24, 0, 24 + len(data), fes, fei) + data
 
 
