@@ -149,6 +149,7 @@ class BlockFs(pyfuse3.Operations):
         self._next_inode = ROOT + 1
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None  # set while mounted
+        self._reexamine_queued: set[Bdev] = set()
         self._mounted_ns = time.time_ns()
         for b in registry.bdevs():
             self._add(b)
@@ -444,11 +445,19 @@ class BlockFs(pyfuse3.Operations):
         entry = h.entry
         entry.handles -= 1
         self._maybe_forget(entry)
-        bdev = h.bdev
-        if h.wrote and bdev.base is None and not bdev.removed and self._nursery is not None:
-            self._nursery.start_soon(self._reexamine, bdev)
+        if h.wrote:
+            self._reexamine_soon(h.bdev)
+
+    def _reexamine_soon(self, bdev: Bdev) -> None:
+        """Re-read a whole disk's partition table in the background; requests made while one is
+        still queued (e.g. mke2fs discarding with many fallocate calls) share it."""
+        if bdev.base is not None or bdev.removed or self._nursery is None or bdev in self._reexamine_queued:
+            return
+        self._reexamine_queued.add(bdev)
+        self._nursery.start_soon(self._reexamine, bdev)
 
     async def _reexamine(self, bdev: Bdev) -> None:
+        self._reexamine_queued.discard(bdev)  # writes from now on need another pass
         if self.registry.get(bdev.name) is not bdev:
             return
         try:
@@ -486,8 +495,7 @@ class BlockFs(pyfuse3.Operations):
                 await ch.write_zeroes(offset, end - offset)
         finally:
             ch.close()
-        if bdev.base is None and not bdev.removed and self._nursery is not None:
-            self._nursery.start_soon(self._reexamine, bdev)  # it may have wiped a table
+        self._reexamine_soon(bdev)  # it may have wiped a partition table
 
 
 class _FallocateHook:
