@@ -55,6 +55,13 @@ _DATA_TYPES = (PduType.H2C_DATA, PduType.C2H_DATA)
 RECV_CHUNK = 64 * 1024   # cap per recv so completions are handed out while data still arrives
 
 
+def _quoted(mv, r: int, avail: int, hlen: int):
+    """The header a TermReq quotes (NVMe/TCP 3.6.2.4): the offending PDU's HLEN bytes, at most
+    128 and at least its common header; never its payload or the next PDU, whatever recv()
+    happened to coalesce. Only built on the error path."""
+    return mv[r:r + min(avail, max(hlen, 8), 128)]
+
+
 class PduReceiver:
     __slots__ = ("_accepts", "_buf", "_mv", "_r", "_w", "_cap", "_state", "hdgst", "ddgst",
                  "ic_done", "pda", "max_capsule_data", "sink_resolver", "_sink", "_sink_pos",
@@ -158,45 +165,45 @@ class PduReceiver:
         ptype, flags, hlen, pdo, plen = CH.unpack_from(mv, r)
         if ptype not in self._accepts:
             self._fail(f"unexpected PDU type 0x{ptype:02x}", TermReqFes.INVALID_HEADER_FIELD, 0,
-                       mv[r:r + min(avail, 128)])
+                       _quoted(mv, r, avail, hlen))
         # NVMe/TCP 3.3: "the ICReq/ICResp exchange ... shall be the first PDUs" and never repeat.
         if (ptype in _IC_TYPES) == self.ic_done and ptype not in _TERM_TYPES:
             self._fail(f"PDU type 0x{ptype:02x} out of sequence", TermReqFes.PDU_SEQUENCE_ERROR, 0,
-                       mv[r:r + min(avail, 128)])
+                       _quoted(mv, r, avail, hlen))
         # NVMe/TCP 3.6.1: HLEN is fixed per PDU type.
         if hlen != HLEN[ptype]:
             self._fail(f"bad HLEN {hlen} for PDU type 0x{ptype:02x}", TermReqFes.INVALID_HEADER_FIELD,
-                       2, mv[r:r + min(avail, 128)])
+                       2, _quoted(mv, r, avail, hlen))
         hd = 4 if (self.hdgst and ptype in HAS_HDGST) else 0
         # NVMe/TCP 3.6.1: HDGSTF "shall be set" when header digests were negotiated, and clear otherwise.
         if ptype in HAS_HDGST and bool(flags & HDGSTF) != self.hdgst:
             self._fail("HDGSTF does not match the negotiated header digest",
-                       TermReqFes.INVALID_HEADER_FIELD, 1, mv[r:r + min(avail, 128)])
+                       TermReqFes.INVALID_HEADER_FIELD, 1, _quoted(mv, r, avail, hlen))
         if ptype in _TERM_TYPES:
             if not 24 <= plen <= TERM_REQ_MAX_PLEN:
                 self._fail(f"TermReq PLEN {plen} out of range", TermReqFes.INVALID_HEADER_FIELD, 4,
-                           mv[r:r + min(avail, 128)])
+                           _quoted(mv, r, avail, hlen))
         hend = hlen + hd
         if ptype in HAS_DATA and plen > hend:
             # PDO must leave room for the header (and digest) and meet our PDA (NVMe/TCP 3.6.1).
             if pdo < hend or pdo % ((self.pda + 1) * 4) or pdo > plen:
                 self._fail(f"bad PDO {pdo}", TermReqFes.INVALID_HEADER_FIELD, 3,
-                           mv[r:r + min(avail, 128)])
+                           _quoted(mv, r, avail, hlen))
             dd = 4 if self.ddgst else 0
             if bool(flags & DDGSTF) != self.ddgst:
                 self._fail("DDGSTF does not match the negotiated data digest",
-                           TermReqFes.INVALID_HEADER_FIELD, 1, mv[r:r + min(avail, 128)])
+                           TermReqFes.INVALID_HEADER_FIELD, 1, _quoted(mv, r, avail, hlen))
             dlen = plen - pdo - dd
             if dlen <= 0:
                 self._fail(f"bad PLEN {plen}", TermReqFes.INVALID_HEADER_FIELD, 4,
-                           mv[r:r + min(avail, 128)])
+                           _quoted(mv, r, avail, hlen))
         else:
             if pdo != 0 and ptype not in _TERM_TYPES:
                 self._fail(f"bad PDO {pdo}", TermReqFes.INVALID_HEADER_FIELD, 3,
-                           mv[r:r + min(avail, 128)])
+                           _quoted(mv, r, avail, hlen))
             if ptype not in _TERM_TYPES and plen != hend:
                 self._fail(f"bad PLEN {plen} for PDU type 0x{ptype:02x}",
-                           TermReqFes.INVALID_HEADER_FIELD, 4, mv[r:r + min(avail, 128)])
+                           TermReqFes.INVALID_HEADER_FIELD, 4, _quoted(mv, r, avail, hlen))
             dd = 0
             dlen = plen - hend if ptype in _TERM_TYPES else 0
             pdo = hend
@@ -204,7 +211,7 @@ class PduReceiver:
             # SUCCESS "shall not be set" unless LAST_PDU is (NVMe/TCP 3.6.2.9); only C2H has it.
             if flags & SUCCESS and (ptype != PduType.C2H_DATA or not flags & LAST_PDU):
                 self._fail("SUCCESS flag without LAST_PDU", TermReqFes.INVALID_HEADER_FIELD, 1,
-                           mv[r:r + min(avail, 128)])
+                           _quoted(mv, r, avail, hlen))
         if avail < hend:
             return None
         if hd:
