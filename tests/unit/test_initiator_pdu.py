@@ -109,6 +109,15 @@ def test_term_req_without_header_and_truncated_header():
     assert s[24:] == big[:128]
 
 
+def test_term_req_fei_only_for_header_field_and_parameter_errors():
+    # FEI is a byte offset for FES 01h and 06h, reserved (zero) for the others.
+    for fes in (2, 3, 4, 5):
+        assert pdu.build_term_req(PduType.H2C_TERM_REQ, fes, 12) == (
+            h("02 00 18 00 18000000") + bytes([fes, 0]) + bytes(14))
+    assert pdu.build_term_req(PduType.C2H_TERM_REQ, 6, 8) == (
+        h("03 00 18 00 18000000  0600 08000000") + bytes(10))
+
+
 # ---------------------------------------------------------------------------------------------
 # CapsuleCmd (NVMe/TCP 3.6.2.6): CH + the 64-byte SQE. SQE: OPC @0, byte 1 = PSDT 01b in bits
 # 7:6 (0x40), CID @2, NSID @4, CDW2/3 @8, MPTR @16, SGL1 @24 (address 8, length 4, 3 reserved,
