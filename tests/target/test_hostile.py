@@ -106,7 +106,7 @@ async def test_h2c_out_of_order_offset(target):
         a, io, cid, ttag = await _r2t_write(target)
         await io.send(data_pdu_header(PduType.H2C_DATA, cid, ttag, 4096, 4096, last=False),
                       bytes(4096))
-        await _check_term(io, TermReqFes.DATA_TRANSFER_OUT_OF_RANGE, 12)
+        await _check_term(io, TermReqFes.DATA_TRANSFER_OUT_OF_RANGE, 0)   # FEI reserved for FES 4
         assert (await a.identify(1)).status == 0
 
 
@@ -119,7 +119,7 @@ async def test_h2c_wrong_cccid_and_beyond_r2t(target):
         a2, io2, cid2, ttag2 = await _r2t_write(target)
         await io2.send(data_pdu_header(PduType.H2C_DATA, cid2, ttag2, 0, 65536, last=True),
                        bytes(65536))
-        await _check_term(io2, TermReqFes.DATA_TRANSFER_OUT_OF_RANGE, 16)
+        await _check_term(io2, TermReqFes.DATA_TRANSFER_OUT_OF_RANGE, 0)
 
 
 async def test_h2c_last_too_early(target):
