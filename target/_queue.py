@@ -91,7 +91,7 @@ class TargetQueue:
         "hpda", "fast", "sqflow", "sqsize1", "sqhd", "icd_limit", "xfers", "_ttag", "held",
         "closing", "close_reason", "rst", "error", "wake", "defer", "on_close", "corrupt_hd",
         "corrupt_dd", "n_read", "n_write", "b_read", "b_written", "faults", "max_io",
-        "maxh2cdata", "ic_done", "_finished",
+        "maxh2cdata", "ic_done", "_finished", "views",
     )
 
     def __init__(self, target, peer: str = ""):
@@ -132,6 +132,7 @@ class TargetQueue:
         self.maxh2cdata = target.max_h2c_data
         self.ic_done = False
         self._finished = False
+        self.views = False          # `out` may hold zero-copy views of a backend's memory
         target.queues.add(self)
 
     # -- driving ---------------------------------------------------------------------------
@@ -209,10 +210,19 @@ class TargetQueue:
                 append(_C2H_PACK(_T_C2H, _F_LAST_SUCCESS, 24, 24, 24 + n, cid, 0, 0, n))
                 append(ns.backend.read(slba << lbads, n))
         if r != r0:
+            self.views = True
             rx._r = r
             rx.pdus_received += nreq
             self.n_read += nreq
             self.b_read += nbytes
+
+    def materialize(self) -> None:
+        """Copy zero-copy read data still waiting in `out` (before a write changes the memory
+        behind it, or when the socket is full and other queues may run first): a read returns
+        the data as of its own processing, never a later write's."""
+        if self.views:
+            self.views = False
+            self.out[:] = [bytes(b) if type(b) is memoryview else b for b in self.out]
 
     def fatal(self, fes: int, fei: int, header: bytes, msg: str, err: Exception | None = None):
         """Answer a protocol violation: C2HTermReq, then close (NVMe/TCP 3.6.2.9)."""
@@ -403,6 +413,7 @@ class TargetQueue:
                     buf = ns.backend.read(slba << lbads, n)
                     self.n_read += 1
                     self.b_read += n
+                    self.views = True
                     out = self.out
                     if self.sqflow:
                         out.append(_C2H_PACK(_T_C2H, _F_LAST, 24, 24, 24 + n, cid, 0, 0, n))
@@ -596,6 +607,7 @@ class TargetQueue:
                 return
             off, n = slba << ns.lbads, nlb << ns.lbads
             if opc == IoOpcode.WRITE_ZEROES:
+                self.materialize()
                 ns.backend.zero(off, n)
                 self._resp(cid, 0)
                 return
@@ -612,6 +624,7 @@ class TargetQueue:
                 buf = ns.backend.read(off, n)
                 self.n_read += 1
                 self.b_read += n
+                self.views = True
                 self._send_data(cid, buf)
                 return
             if sgl_len != n:
@@ -638,6 +651,7 @@ class TargetQueue:
         if off + len(data) > ns.nblocks << ns.lbads:
             self._resp(cid, C.LBA_OUT_OF_RANGE)  # shrunk meanwhile
             return
+        self.materialize()
         ns.backend.write(off, data)
         if fua and ns.backend.volatile_cache:
             ns.backend.flush()
@@ -652,6 +666,7 @@ class TargetQueue:
                 self._resp(cid, C.LBA_OUT_OF_RANGE)
                 return
         if c11 & DSM_AD:
+            self.materialize()
             for _attr, nlb, slba in ranges:
                 if nlb:
                     ns.backend.zero(slba << ns.lbads, nlb << ns.lbads)

@@ -179,7 +179,10 @@ class Connection:
                 if sent:
                     out[0] = memoryview(out[0])[sent:]
                 raise BlockingIOError
+            self.q.views = False
         except BlockingIOError:
+            # Other queues run before the rest goes out: keep read data as it is now.
+            self.q.materialize()
             self._blocked = True
             self._need_write.set()
         except OSError as e:
