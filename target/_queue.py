@@ -57,7 +57,10 @@ _crc = _crc32c.crc32c
 _CMD_UNPACK = CMD_PDU.unpack_from
 # opc, cid, nsid, SGL length, SGL type, CDW10, CDW11, CDW12 from a 64-byte SQE.
 _FAST_SQE = struct.Struct("<BxHI16x8xI3xBIII").unpack_from
-_PLAIN_CMD_CH = CH.pack(PduType.CAPSULE_CMD, 0, 72, 0, 72)
+_CMD_CH4 = CH.pack(PduType.CAPSULE_CMD, 0, 72, 0, 0)[:3]    # type, flags, HLEN
+_CH_UNPACK = CH.unpack_from
+_FAST_SGL_ADDR = struct.Struct("<Q").unpack_from
+_SGL_IN_CAPSULE = SGL_DATA_BLOCK_OFFSET
 _C2H_PACK = DATA_HDR.pack
 _RESP_PACK = RESP_PDU.pack
 _DATA_HDR_UNPACK = DATA_HDR.unpack_from
@@ -142,7 +145,7 @@ class TargetQueue:
         try:
             while not self.closing:
                 if self.io and self.fast and not self.faults.rules:
-                    self._fast_reads()
+                    self._fast_io()
                 pdu = next_pdu()
                 if pdu is None:
                     return
@@ -161,15 +164,17 @@ class TargetQueue:
         except LocalProtocolError as e:
             self.fatal(TermReqFes.DATA_TRANSFER_LIMIT_EXCEEDED, 0, b"", str(e), e)
 
-    def _fast_reads(self) -> None:
-        """Hot path: consume consecutive plain read capsules straight from the receive buffer.
+    def _fast_io(self) -> None:
+        """Hot path: consume consecutive plain reads and in-capsule writes straight from the
+        receive buffer.
 
-        A CapsuleCmd whose common header is exactly `_PLAIN_CMD_CH` (type 4, no flags, HLEN 72,
-        PDO 0, PLEN 72) passes every framing check `PduReceiver.next_pdu` makes once the IC
-        exchange is done without header digests, so it is taken here without the general
-        parser. Anything else (another PDU type, a write, an error case, a partial PDU) stops
-        the loop and goes through `next_pdu`, byte for byte as before. Relies on PduReceiver's
-        buffer layout (`_buf`, `_r`, `_w`, `_state`).
+        A CapsuleCmd whose common header is type 4, no flags, HLEN 72, PDO 0 and PLEN 72 (no
+        data), or PDO 72 and PLEN 72 + n with 0 < n <= the in-capsule limit (in-capsule data),
+        passes every framing check `PduReceiver.next_pdu` makes once the IC exchange is done
+        without digests, so it is taken here without the general parser. Anything else (another
+        PDU type, another opcode, an error case, a partial PDU) stops the loop and goes through
+        `next_pdu`, byte for byte as before. Relies on PduReceiver's buffer layout (`_buf`,
+        `_mv`, `_r`, `_w`, `_state`).
         """
         rx = self.rx
         if rx._state != _RX_HEADER:
@@ -178,17 +183,15 @@ class TargetQueue:
         r = r0 = rx._r
         w = rx._w
         nss = self.nss
-        out = self.out
-        append = out.append
+        append = self.out.append
         max_io = self.max_io
+        icd = self.icd_limit
         sqflow = self.sqflow
         qid = self.qid
-        nreq = 0
-        nbytes = 0
-        while w - r >= 72 and buf.startswith(_PLAIN_CMD_CH, r):
+        nrd = nwr = brd = bwr = 0
+        while w - r >= 72 and buf.startswith(_CMD_CH4, r):
+            _t, _f, _hl, pdo, plen = _CH_UNPACK(buf, r)
             opc, cid, nsid, sgl_len, sgl_type, c10, c11, c12 = _FAST_SQE(buf, r + 8)
-            if opc != _OPC_READ or sgl_type != _SGL_TRANSPORT:
-                break
             ns = nss.get(nsid)
             if ns is None:
                 break
@@ -196,25 +199,45 @@ class TargetQueue:
             slba = c10 | (c11 << 32)
             lbads = ns.lbads
             n = nlb << lbads
-            if slba + nlb > ns.nblocks or n > sgl_len or n > max_io:
+            if slba + nlb > ns.nblocks or n > max_io:
                 break
-            r += 72
-            nreq += 1
-            nbytes += n
-            if sqflow:
-                self.sqhd = sqhd = (self.sqhd + 1) % self.sqsize1
-                append(_C2H_PACK(_T_C2H, _F_LAST, 24, 24, 24 + n, cid, 0, 0, n))
-                append(ns.backend.read(slba << lbads, n))
-                append(_RESP_PACK(_T_RESP, 0, 24, 0, 24, 0, 0, sqhd, qid, cid, 0))
+            if opc == _OPC_READ:
+                if pdo or plen != 72 or sgl_type != _SGL_TRANSPORT or n > sgl_len:
+                    break
+                r += 72
+                nrd += 1
+                brd += n
+                if sqflow:
+                    self.sqhd = sqhd = (self.sqhd + 1) % self.sqsize1
+                    append(_C2H_PACK(_T_C2H, _F_LAST, 24, 24, 24 + n, cid, 0, 0, n))
+                    append(ns.backend.read(slba << lbads, n))
+                    append(_RESP_PACK(_T_RESP, 0, 24, 0, 24, 0, 0, sqhd, qid, cid, 0))
+                else:
+                    append(_C2H_PACK(_T_C2H, _F_LAST_SUCCESS, 24, 24, 24 + n, cid, 0, 0, n))
+                    append(ns.backend.read(slba << lbads, n))
+                self.views = True
+            elif opc == _OPC_WRITE:
+                if (pdo != 72 or plen != 72 + n or sgl_type != _SGL_IN_CAPSULE or sgl_len != n
+                        or n > icd or w - r < plen or c12 & RW_FUA or _FAST_SGL_ADDR(buf, r + 32)[0]):
+                    break
+                if self.views:
+                    self.materialize()
+                ns.backend.write(slba << lbads, rx._mv[r + 72:r + plen])
+                r += plen
+                nwr += 1
+                bwr += n
+                if sqflow:
+                    self.sqhd = (self.sqhd + 1) % self.sqsize1
+                append(_RESP_PACK(_T_RESP, 0, 24, 0, 24, 0, 0, self.sqhd, qid, cid, 0))
             else:
-                append(_C2H_PACK(_T_C2H, _F_LAST_SUCCESS, 24, 24, 24 + n, cid, 0, 0, n))
-                append(ns.backend.read(slba << lbads, n))
+                break
         if r != r0:
-            self.views = True
             rx._r = r
-            rx.pdus_received += nreq
-            self.n_read += nreq
-            self.b_read += nbytes
+            rx.pdus_received += nrd + nwr
+            self.n_read += nrd
+            self.b_read += brd
+            self.n_write += nwr
+            self.b_written += bwr
 
     def materialize(self) -> None:
         """Copy zero-copy read data still waiting in `out` (before a write changes the memory

@@ -146,6 +146,45 @@ def run_load(io: SyncHost, seconds: float, qd: int, bs: int, nblocks: int, write
     return done
 
 
+def run_initiator(port: int, seconds: float, qd: int, bs: int, nblocks: int, write: bool,
+                  sqflow: bool) -> tuple[int, float]:
+    """The lead's trio initiator (initiator.controller) at queue depth `qd`: one task per slot.
+    -> (I/Os, CPU seconds of this process during the timed part)."""
+    import trio
+    from initiator.controller import ControllerOptions, open_controller
+
+    async def go():
+        opts = ControllerOptions(nr_io_queues=1, keep_alive_tmo=5, disable_sqflow=not sqflow)
+        async with open_controller("127.0.0.1", port, NQN, opts) as c:
+            lbas = nblocks // (bs // 512)
+            nlb = bs // 512
+            count = [0]
+            deadline = [0.0]
+
+            async def worker(seed):
+                rnd = random.Random(seed)
+                buf = memoryview(bytearray(bs))
+                while trio.current_time() < deadline[0]:
+                    lba = rnd.randrange(lbas) * nlb
+                    if write:
+                        await c.write(1, lba, nlb, buf)
+                    else:
+                        await c.read(1, lba, nlb, buf)
+                    count[0] += 1
+
+            for phase in ("warm", "run"):
+                count[0] = 0
+                deadline[0] = trio.current_time() + (0.5 if phase == "warm" else seconds)
+                c0 = os.times()
+                async with trio.open_nursery() as n:
+                    for i in range(qd):
+                        n.start_soon(worker, i)
+                c1 = os.times()
+            return count[0], (c1.user + c1.system) - (c0.user + c0.system)
+
+    return trio.run(go)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -155,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sqflow", action="store_true", help="keep SQ flow control on (no SUCCESS)")
     ap.add_argument("--write", action="store_true", help="in-capsule writes instead of reads")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--client", choices=("raw", "initiator"), default="raw",
+                    help="raw: a lean synchronous loop; initiator: blockfs's trio initiator")
     a = ap.parse_args(argv)
     d = tempfile.mkdtemp(prefix="bench", dir="/tmp")
     ctl = os.path.join(d, "ctl.sock")
@@ -170,28 +211,36 @@ def main(argv=None) -> int:
             time.sleep(0.01)
         if two:
             os.sched_setaffinity(0, {1})
-        admin, io = setup(port, a.sqflow)
         ns = call(ctl, "list")["subsystems"][0]["namespaces"][0]
-        run_load(io, 0.5, a.qd, a.bs, ns["num_blocks"] * ns["block_size"] // 512, a.write)  # warm
-        s0 = call(ctl, "stats")
-        c0 = os.times()
-        t0 = time.perf_counter()
-        n = run_load(io, a.seconds, a.qd, a.bs, ns["num_blocks"] * ns["block_size"] // 512,
-                     a.write)
-        el = time.perf_counter() - t0
-        c1 = os.times()
-        s1 = call(ctl, "stats")
+        nblocks = ns["num_blocks"] * ns["block_size"] // 512
+        if a.client == "raw":
+            admin, io = setup(port, a.sqflow)
+            run_load(io, 0.5, a.qd, a.bs, nblocks, a.write)  # warm up
+            s0 = call(ctl, "stats")
+            c0 = os.times()
+            t0 = time.perf_counter()
+            n = run_load(io, a.seconds, a.qd, a.bs, nblocks, a.write)
+            el = time.perf_counter() - t0
+            c1 = os.times()
+            s1 = call(ctl, "stats")
+            ccpu = (c1.user + c1.system) - (c0.user + c0.system)
+        else:
+            s0 = call(ctl, "stats")
+            t0 = time.perf_counter()
+            n, ccpu = run_initiator(port, a.seconds, a.qd, a.bs, nblocks, a.write, a.sqflow)
+            el = time.perf_counter() - t0
+            s1 = call(ctl, "stats")
+            el = a.seconds
         ios = (s1["reads"] + s1["writes"]) - (s0["reads"] + s0["writes"])
         tcpu = s1["cpu_s"] - s0["cpu_s"]
-        ccpu = (c1.user + c1.system) - (c0.user + c0.system)
-        res = {"backend": a.backend, "op": "write" if a.write else "read", "bs": a.bs, "qd": a.qd,
+        res = {"client": a.client, "backend": a.backend, "op": "write" if a.write else "read", "bs": a.bs, "qd": a.qd,
                "sq_flow_control": a.sqflow, "iops": round(n / el),
                "target_us_per_io": round(tcpu / ios * 1e6, 2),
                "target_user_us": round((s1["user_s"] - s0["user_s"]) / ios * 1e6, 2),
                "target_sys_us": round((s1["system_s"] - s0["system_s"]) / ios * 1e6, 2),
                "client_us_per_io": round(ccpu / n * 1e6, 2), "ios": ios}
         print(json.dumps(res) if a.json else
-              f"{res['backend']} {res['op']} {a.bs}B QD{a.qd} "
+              f"[{a.client}] {res['backend']} {res['op']} {a.bs}B QD{a.qd} "
               f"{'sqflow' if a.sqflow else 'SUCCESS'}: {res['iops']} IOPS, target "
               f"{res['target_us_per_io']} us CPU/IO (user {res['target_user_us']}, sys "
               f"{res['target_sys_us']}), client {res['client_us_per_io']} us/IO")
