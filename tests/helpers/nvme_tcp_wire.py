@@ -51,7 +51,8 @@ def ch(ptype: int, flags: int, hlen: int, pdo: int, plen: int) -> bytes:
 
 def icresp(*, pfv: int = 0, cpda: int = 0, hdgst: bool = False, ddgst: bool = False,
            maxh2cdata: int = 131072) -> bytes:
-    """ICResp (128 B): pfv @8 (le16), cpda @10, dgst @11 (bit0 HDGST, bit1 DDGST), maxh2cdata @12."""
+    """ICResp (128 B): pfv @8 (le16), cpda @10, dgst @11 (bit0 HDGST, bit1 DDGST),
+    maxh2cdata @12 (le32), 112 reserved bytes."""
     d = (1 if hdgst else 0) | (2 if ddgst else 0)
     return (ch(IC_RESP, 0, 128, 0, 128) + struct.pack("<HBBI", pfv, cpda, d, maxh2cdata)
             + bytes(112))
@@ -68,7 +69,8 @@ def resp(cid: int, status: int = 0, *, dw0: int = 0, dw1: int = 0, sqhd: int = 0
 def c2h(cid: int, datao: int, data: bytes, *, last: bool = True, success: bool = False,
         hdgst: bool = False, ddgst: bool = False, pad: int = 0, ttag: int = 0,
         bad_ddgst: bool = False) -> bytes:
-    """C2HData: cccid @8, ttag @10, datao @12, datal @16, rsvd @20; then [HDGST] [pad] data [DDGST]."""
+    """C2HData: cccid @8, ttag @10, datao @12, datal @16, rsvd @20;
+    then [HDGST] [padding up to PDO] data [DDGST]."""
     flags = ((F_LAST if last else 0) | (F_SUCCESS if success else 0)
              | (F_HDGST if hdgst else 0) | (F_DDGST if ddgst else 0))
     pdo = 24 + (4 if hdgst else 0) + pad

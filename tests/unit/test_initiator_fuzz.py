@@ -138,8 +138,8 @@ def test_valid_stream_any_chunking(digests, cuts, recv_into):
 # Random bytes.
 
 @FUZZ
-@given(digests=DIGESTS, data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400), max_size=8),
-       recv_into=st.booleans())
+@given(digests=DIGESTS, data=st.binary(max_size=400),
+       cuts=st.lists(st.integers(0, 400), max_size=8), recv_into=st.booleans())
 def test_random_bytes_before_icresp(digests, data, cuts, recv_into):
     hd, dd = digests
     q = HostQueue(1, 8, hdgst=hd, ddgst=dd)
@@ -148,8 +148,8 @@ def test_random_bytes_before_icresp(digests, data, cuts, recv_into):
 
 
 @FUZZ
-@given(digests=DIGESTS, data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400), max_size=8),
-       recv_into=st.booleans())
+@given(digests=DIGESTS, data=st.binary(max_size=400),
+       cuts=st.lists(st.integers(0, 400), max_size=8), recv_into=st.booleans())
 def test_random_bytes_after_icresp(digests, data, cuts, recv_into):
     hd, dd = digests
     q, _ = busy_queue(hd, dd)

@@ -13,7 +13,7 @@ import pytest
 
 from helpers.nvme_tcp_wire import (
     C2H, C2H_TERM, CMD, F_DDGST, F_HDGST, F_LAST, F_SUCCESS, H2C, H2C_TERM, IC_REQ, IC_RESP,
-    MODES, R2T, RESP, c2h, c2h_term, ch, connected, dgst, feed, icresp, r2t, resp,
+    MODES, R2T, RESP, c2h, ch, connected, dgst, feed, icresp, r2t, resp,
 )
 from initiator._errors import LocalProtocolError, RemoteProtocolError
 from initiator._spec import IoOpcode
@@ -26,7 +26,8 @@ DEPTH = 8
 
 
 def queue(*, hdgst=False, ddgst=False):
-    """Connected, with a 1 KiB read (CID 0), an 8 KiB write awaiting R2T (CID 1), a flush (CID 2)."""
+    """Connected; outstanding: a 1 KiB read (CID 0), an 8 KiB write awaiting R2T (CID 1) and a
+    flush (CID 2)."""
     q = connected(hdgst=hdgst, ddgst=ddgst, depth=DEPTH, in_capsule_max=0, maxh2cdata=4096)
     for _ in range(3):
         q.alloc_cid()
@@ -99,7 +100,8 @@ CASES = [
     ("plen-c2h-term-153", "conn", {}, [], ch(C2H_TERM, 0, 24, 0, 153) + bytes(145), FES_HDR, 4),
     # -- flags (FEI 1): digests present iff negotiated; SUCCESS only with LAST_PDU
     ("hdgstf-set-not-negotiated", "conn", {}, [],
-     (lambda hdr: hdr + dgst(hdr))(ch(RESP, F_HDGST, 24, 0, 28) + struct.pack("<IIHHHH", 0, 0, 0, 0, 2, 0)),
+     (lambda hdr: hdr + dgst(hdr))(
+         ch(RESP, F_HDGST, 24, 0, 28) + struct.pack("<IIHHHH", 0, 0, 0, 0, FLUSH_CID, 0)),
      FES_HDR, 1),
     ("hdgstf-clear-negotiated", "conn", {"hdgst": True}, [], resp(FLUSH_CID), FES_HDR, 1),
     ("hdgstf-clear-negotiated-r2t", "conn", {"hdgst": True}, [], r2t(WRITE_CID, 0, 0, 8),
