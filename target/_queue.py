@@ -587,6 +587,9 @@ class TargetQueue:
             if ctrl.hostnqn != hostnqn:
                 self._resp(cid, C.CONNECT_INVALID_PARAMETERS, _ipo(1, 512))
                 return
+            if ctrl.hostid != hostid:     # nvmet: "hostid mismatch"
+                self._resp(cid, C.CONNECT_INVALID_PARAMETERS, _ipo(1, 0))
+                return
             if not ctrl.ready:
                 self._resp(cid, C.COMMAND_SEQUENCE_ERROR)
                 return

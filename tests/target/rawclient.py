@@ -215,11 +215,12 @@ class RawClient:
     # -- fabrics and admin helpers ---------------------------------------------------------
     async def connect(self, subnqn: str, qid: int = 0, *, hostnqn: str = HOSTNQN,
                       cntlid: int | None = None, sqsize: int = 31, kato: int = 0,
-                      disable_sqflow: bool = False, in_capsule: bool = True) -> Completion:
+                      disable_sqflow: bool = False, in_capsule: bool = True,
+                      hostid: str = HOSTID) -> Completion:
         cmd = fab.connect_sqe(qid, sqsize, kato, disable_sqflow=disable_sqflow)
         if cntlid is None:
             cntlid = 0xFFFF if qid == 0 else self.cntlid
-        data = fab.connect_data(HOSTID, cntlid, subnqn, hostnqn)
+        data = fab.connect_data(hostid, cntlid, subnqn, hostnqn)
         c = await self.submit(cmd, data, in_capsule=in_capsule)
         if c.status == 0 and qid == 0:
             self.cntlid = c.dw0 & 0xFFFF

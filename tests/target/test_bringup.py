@@ -160,7 +160,9 @@ async def test_io_queue_connect_rules(target):
         # duplicate QID, QID beyond the granted queues, unknown CNTLID, other host NQN
         for kw, ipo in ((dict(qid=1, cntlid=a.cntlid), 42), (dict(qid=9, cntlid=a.cntlid), 42),
                         (dict(qid=2, cntlid=999), 16),
-                        (dict(qid=2, cntlid=a.cntlid, hostnqn="nqn.other"), 512)):
+                        (dict(qid=2, cntlid=a.cntlid, hostnqn="nqn.other"), 512),
+                        (dict(qid=2, cntlid=a.cntlid,
+                              hostid="99999999-2222-3333-4444-555555555555"), 0)):
             c = await RawClient.open(target.port)
             await c.icreq()
             r = await c.connect(NQN, **kw)
