@@ -34,6 +34,7 @@ Does not: touch sockets, build PDUs (the queue does), or run timers (the shell d
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 
 from initiator import _structs as st
@@ -327,7 +328,6 @@ class Controller:
         if fid == FeatureId.KEEP_ALIVE_TIMER:
             return SUCCESS, self.kato_ms, 0, None
         if fid == FeatureId.HOST_IDENTIFIER:
-            import uuid
             return SUCCESS, 0, 0, uuid.UUID(self.hostid).bytes
         if fid in self.features and not self.discovery:
             return SUCCESS, self.features[fid], 0, None

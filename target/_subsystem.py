@@ -11,6 +11,7 @@ Does not: parse PDUs or commands (`_queue.py`, `_controller.py`) or decide fault
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid as _uuid
 
 from initiator import _structs as st
@@ -128,7 +129,6 @@ class TargetState:
     """Everything a target is, minus its sockets: subsystems, listeners, limits, faults, clock."""
 
     def __init__(self, config: TargetConfig, clock=None):
-        import time
         self.config = config
         self.clock = clock or time.monotonic
         self.mdts = config.mdts

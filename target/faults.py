@@ -22,7 +22,9 @@ import itertools
 import os
 from dataclasses import asdict, dataclass
 
-from initiator._pdu import CH, DATA_HDR, IC, RESP_PDU, build_r2t
+from initiator._pdu import (
+    CH, DATA_HDR, HDGSTF, IC, RESP_PDU, build_r2t, data_pdu_header, digest_bytes,
+)
 from initiator._spec import PduType
 
 ACTIONS = ("delay", "drop", "error")
@@ -124,7 +126,6 @@ def _resp(hlen=24, plen=24, pdo=0, ptype=PduType.CAPSULE_RESP, flags=0, cid=0xFF
 
 
 def _with_hdgst(q, pdu: bytes) -> bytes:
-    from initiator._pdu import digest_bytes, HDGSTF
     if not q.hdgst:
         return pdu
     b = bytearray(pdu)
@@ -166,7 +167,6 @@ def _c2h(q, flags: int) -> bytes:
     data = bytes(512)
     hdr = DATA_HDR.pack(PduType.C2H_DATA, flags, 24, 24, 24 + 512, 0xFFFE, 0, 0, 512)
     if q.hdgst or q.ddgst:
-        from initiator._pdu import data_pdu_header, digest_bytes
         h = bytearray(data_pdu_header(PduType.C2H_DATA, 0xFFFE, 0, 0, 512, last=bool(flags & 4),
                                       hdgst=q.hdgst, ddgst=q.ddgst, cpda=q.hpda))
         h[1] |= flags & 0x08

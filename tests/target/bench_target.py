@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 from initiator import _fabrics as fab  # noqa: E402
 from initiator._framing import HOST_ACCEPTS, PduReceiver  # noqa: E402
 from initiator._pdu import (  # noqa: E402
-    CMD_PDU, DATA_HDR, build_icreq, capsule_cmd_header, sqe,
+    DATA_HDR, build_icreq, capsule_cmd_header, sqe,
 )
 from initiator._spec import CC_EN, CC_IOCQES, CC_IOSQES, Property  # noqa: E402
 from target.control import call  # noqa: E402

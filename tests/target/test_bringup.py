@@ -174,7 +174,6 @@ async def test_io_queue_connect_rules(target):
         await c.icreq()
         r = await c.connect("nqn.nope")
         assert (r.sct, r.sc, r.dw0) == (1, 0x82, 1 | 256 << 16)
-        cmd = bytearray(sqe(0x7F, nsid=1))
         from initiator import _fabrics as fab
         cmd = fab.connect_sqe(0, 31, 0)
         struct.pack_into("<H", cmd, 40, 1)

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from initiator._pdu import (
-    CH, DATA_HDR, IC, build_icreq, build_term_req, capsule_cmd_header, data_pdu_header, sqe,
+    CH, IC, build_icreq, build_term_req, capsule_cmd_header, data_pdu_header, sqe,
 )
 from initiator._spec import PduType, TermReqFes
 from rawclient import NQN, RawClient, io_client
