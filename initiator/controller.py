@@ -32,6 +32,7 @@ from ._errors import (
     TransportError,
 )
 from ._init import ControllerInit, InitState
+from ._util import single_errors
 from ._spec import (
     ADMIN_QUEUE_IN_CAPSULE, CC_SHN_NORMAL, CSTS_SHST_COMPLETE, CSTS_SHST_MASK, AdminOpcode,
     Cns, DSM_ATTR_DEALLOCATE, FeatureId, IoOpcode, LogPage, Property, RW_FUA, WZ_DEAC,
@@ -45,6 +46,7 @@ MAX_AERS = 8                   # SPDK NVME_MAX_ASYNC_EVENTS
 CTRATT_TBKAS = 1 << 6          # Base 5.17.2.1: Traffic Based Keep Alive Support
 # Per-command transfer cap: the kernel host's NVME_TCP_MAX_SEGMENTS (256) pages = 1 MiB.
 TRANSPORT_MAX_TRANSFER = 1 << 20
+TIMEOUT_TICK = 0.5             # resolution of command timeout detection, seconds
 
 
 def _machine_hostid() -> str:
@@ -138,6 +140,8 @@ class Controller:
         self.kato_ms = int(opts.keep_alive_tmo * 1000)
         self.on_async_event: Callable[[AsyncEvent], None] | None = None
         self.keep_alives_sent = 0
+        self.keep_alives_skipped = 0
+        self.timeouts = 0
         self.last_error: str | None = None
         self._lost = trio.Event()
         self._lost_reason: TransportError | None = None
@@ -255,6 +259,7 @@ class Controller:
         if not o.discovery:
             for qid in range(1, init.io_queues + 1):
                 self.io_queues.append(await self._connect_queue(qid, o.queue_size))
+        self._nursery.start_soon(self._timeout_checker)
 
     # -- admin commands ---------------------------------------------------------------------
     async def property_get(self, offset: int, size8: bool = False) -> tuple[int, int]:
@@ -386,17 +391,36 @@ class Controller:
         tbkas = getattr(self.ctrl, "ctratt", 0) & CTRATT_TBKAS
         return self.kato_ms / 1000 / (4 if tbkas else 2)
 
+    @property
+    def keep_alive_timeout(self) -> float:
+        """How long one Keep Alive may take. Sent every KATO/2 and given KATO/2 to answer, a
+        silent target is noticed within KATO of its last answer (plus scheduling slack)."""
+        return max(self.kato_ms / 2000, 0.5)
+
+    def _completions(self) -> int:
+        return sum(q.completions for q in [self.admin, *self.io_queues] if q is not None)
+
     async def _keep_alive_loop(self) -> None:
+        """Kernel nvme_keep_alive_work: every KATO/2 (KATO/4 with TBKAS). With TBKAS
+        (Base 5.27.1.12: traffic-based keep alive) a completion since the last tick counts as
+        keep-alive and no command is sent."""
         interval = self.keep_alive_interval
+        tbkas = bool(getattr(self.ctrl, "ctratt", 0) & CTRATT_TBKAS)
+        seen = self._completions()
         while True:
             await trio.sleep(interval)
+            if tbkas:
+                now_seen = self._completions()
+                if now_seen != seen:
+                    seen = now_seen
+                    self.keep_alives_skipped += 1
+                    continue
             try:
-                # The answer must come within KATO or the controller is considered lost.
-                with trio.fail_after(self.kato_ms / 1000):
+                with trio.fail_after(self.keep_alive_timeout):
                     await self.keep_alive()
             except trio.TooSlowError:
                 self._mark_lost(CommandTimeout(f"keep-alive got no answer within "
-                                               f"{self.kato_ms / 1000:g} s"))
+                                               f"{self.keep_alive_timeout:g} s"))
                 return
             except NvmeStatusError as e:
                 log.warning("keep-alive failed: %s", e)
@@ -404,6 +428,48 @@ class Controller:
                 return
             except TransportError:
                 return
+            seen = self._completions()
+
+    async def _timeout_checker(self) -> None:
+        """SPDK's action_on_timeout = abort, then reset: a command outstanding longer than its
+        timeout is aborted (Base 5.1); if it is still outstanding one timeout later, the
+        controller is reset (the session reconnects and resubmits)."""
+        tick = TIMEOUT_TICK
+        o = self.opts
+        while True:
+            await trio.sleep(tick)
+            for q in [self.admin, *self.io_queues]:
+                if q is None or q.closed is not None:
+                    continue
+                q.epoch += 1
+                limit = o.admin_timeout if q.qid == 0 else o.io_timeout
+                if limit <= 0:
+                    continue
+                max_age = max(int(limit / tick), 1)
+                for cid, opc in q.overdue(max_age):
+                    if q.qid == 0 and opc in (AdminOpcode.ASYNC_EVENT_REQUEST,
+                                              AdminOpcode.KEEP_ALIVE):
+                        continue      # AERs wait for events; keep-alive has its own timeout
+                    if not q.aborted[cid]:
+                        q.aborted[cid] = True
+                        self.timeouts += 1
+                        log.warning("queue %d command %d (opcode 0x%02x) timed out after %g s: "
+                                    "aborting", q.qid, cid, opc, limit)
+                        self._nursery.start_soon(self._abort_quietly, q.qid, cid)
+                    elif q.submit_epoch[cid] < q.epoch - 2 * max_age:
+                        self._mark_lost(CommandTimeout(
+                            f"queue {q.qid} command {cid} (opcode 0x{opc:02x}) still "
+                            f"outstanding {2 * limit:g} s after submission and abort: resetting"))
+                        return
+
+    async def _abort_quietly(self, sqid: int, cid: int) -> None:
+        try:
+            with trio.move_on_after(self.opts.admin_timeout):
+                aborted = await self.abort(sqid, cid)
+                log.info("abort of queue %d command %d: %s", sqid, cid,
+                         "aborted" if aborted else "not aborted")
+        except (NvmeStatusError, TransportError) as e:
+            log.info("abort of queue %d command %d failed: %s", sqid, cid, e)
 
     async def _aer_loop(self) -> None:
         while True:
@@ -467,6 +533,7 @@ class Controller:
     def statistics(self) -> dict:
         return {"cntlid": self.cntlid, "subnqn": self.subnqn, "lost": self.lost,
                 "last_error": self.last_error, "keep_alives_sent": self.keep_alives_sent,
+                "keep_alives_skipped": self.keep_alives_skipped, "timeouts": self.timeouts,
                 "queues": [q.statistics() for q in [self.admin, *self.io_queues] if q]}
 
 
@@ -476,12 +543,13 @@ async def open_controller(host: str, port: int, subnqn: str,
     """Connect and bring up a controller; shut it down cleanly on exit."""
     opts = opts or ControllerOptions()
     ctrl = Controller(host, port, subnqn, opts)
-    async with trio.open_nursery() as nursery:
-        ctrl._nursery = nursery
-        try:
-            await ctrl._bring_up()
-            yield ctrl
-            await ctrl.shutdown()
-        finally:
-            ctrl.close_queues()
-            nursery.cancel_scope.cancel()
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+            ctrl._nursery = nursery
+            try:
+                await ctrl._bring_up()
+                yield ctrl
+                await ctrl.shutdown()
+            finally:
+                ctrl.close_queues()
+                nursery.cancel_scope.cancel()

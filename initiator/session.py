@@ -29,10 +29,15 @@ import trio
 
 from ._errors import CommandTimeout, DigestError, NvmeError, NvmeStatusError, TransportError
 from ._init import InitError
+from ._status import is_retryable
+from ._util import single_errors
 from ._spec import AsyncEventType, Cns, LogPage, NoticeInfo
 from .controller import AsyncEvent, Controller, ControllerOptions, open_controller
 
 log = logging.getLogger(__name__)
+
+
+MAX_RETRIES = 5   # kernel nvme_core max_retries
 
 
 class CtrlState(enum.Enum):
@@ -116,6 +121,8 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self._done = trio.Event()
+        self._ever_live = False
+        self._went_live = False
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -142,56 +149,26 @@ class Session:
             self.on_state(state, reason)
 
     async def _supervise(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        first = True
         lost_at = None
         try:
             while not self._stop.is_set():
                 try:
-                    async with open_controller(self.host, self.port, self.subnqn, self.opts) as c:
-                        self.ctrl = c
-                        c.on_async_event = self._on_aen
-                        self._update_namespaces(c, from_init=True)
-                        if not first:
-                            self.reconnects += 1
-                        self._io_fail = False
-                        lost_at = None
-                        self._set_state(CtrlState.LIVE)
-                        self._live.set()
-                        if first:
-                            first = False
-                            task_status.started()
-                        async with trio.open_nursery() as n:
-                            n.start_soon(self._rescanner, c)
-                            lost = trio.Event()
-
-                            async def wait_lost():
-                                reason = await c.wait_lost()
-                                self.last_error = str(reason)
-                                lost.set()
-                            n.start_soon(wait_lost)
-                            stop_or_lost = trio.Event()
-
-                            async def wait_stop():
-                                await self._stop.wait()
-                                stop_or_lost.set()
-
-                            async def wait_l():
-                                await lost.wait()
-                                stop_or_lost.set()
-                            n.start_soon(wait_stop)
-                            n.start_soon(wait_l)
-                            await stop_or_lost.wait()
-                            n.cancel_scope.cancel()
-                        if self._stop.is_set():
-                            break     # open_controller's exit shuts the controller down
+                    with single_errors():
+                        await self._connected_once(task_status)
                 except (TransportError, NvmeError, InitError, OSError) as e:
-                    if first:
-                        raise
+                    if not self._ever_live:
+                        raise          # the first connection's error is the caller's
                     self.last_error = str(e)
+                if self._went_live:
+                    lost_at = None
+                    self._went_live = False
                 self.ctrl = None
                 if self._stop.is_set():
                     break
-                self._live = trio.Event()
+                if self._live.is_set():
+                    # Leaving LIVE: new waiters park on a fresh event. Replace it only then:
+                    # tasks already parked on the unset one must be woken by the next LIVE.
+                    self._live = trio.Event()
                 now = trio.current_time()
                 if lost_at is None:
                     lost_at = now
@@ -199,7 +176,7 @@ class Session:
                 pol = self.policy
                 if pol.fast_io_fail_tmo >= 0 and now - lost_at >= pol.fast_io_fail_tmo:
                     self._io_fail = True
-                    self._live.set()
+                    self._live.set()          # waiters wake and fail
                     self._live = trio.Event()
                 if pol.ctrl_loss_tmo >= 0 and now - lost_at >= pol.ctrl_loss_tmo:
                     self._set_state(CtrlState.FAILED, f"not reconnected within ctrl-loss-tmo "
@@ -220,6 +197,33 @@ class Session:
             self._live.set()
             self._done.set()
 
+    async def _connected_once(self, task_status) -> None:
+        """One connection's life: bring-up, live until lost or stopped, then teardown
+        (open_controller's exit shuts the controller down when we stop)."""
+        async with open_controller(self.host, self.port, self.subnqn, self.opts) as c:
+            self.ctrl = c
+            c.on_async_event = self._on_aen
+            self._update_namespaces(c)
+            if self._ever_live:
+                self.reconnects += 1
+            self._io_fail = False
+            self._went_live = True
+            self._set_state(CtrlState.LIVE)
+            self._live.set()
+            if not self._ever_live:
+                self._ever_live = True
+                task_status.started()
+            async with trio.open_nursery() as n:
+                n.start_soon(self._rescanner, c)
+
+                async def until(event_wait):
+                    await event_wait()
+                    n.cancel_scope.cancel()
+                n.start_soon(until, c.wait_lost)
+                n.start_soon(until, self._stop.wait)
+            if c.lost:
+                self.last_error = str(c._lost_reason)
+
     # -- I/O that rides out outages ---------------------------------------------------------
     async def _live_ctrl(self) -> Controller:
         while True:
@@ -237,15 +241,23 @@ class Session:
                 await trio.sleep(0)   # the supervisor has not noticed yet; let it run
 
     async def _retry(self, fn, *args, **kw):
-        digest_retries = 3
+        retries = MAX_RETRIES
         while True:
             c = await self._live_ctrl()
             try:
                 return await fn(c, *args, **kw)
             except DigestError:
-                digest_retries -= 1
-                if digest_retries < 0:
+                retries -= 1
+                if retries < 0:
                     raise
+            except NvmeStatusError as e:
+                # Aborted after a timeout, or a transient/path error without DNR: try again
+                # (kernel nvme_decide_disposition -> RETRY, bounded like its max_retries).
+                retries -= 1
+                if retries < 0 or not (is_retryable(e.sct, e.sc, e.dnr) or
+                                       (e.sct == 0 and e.sc == 0x07 and not e.dnr)):
+                    raise
+                await trio.sleep(0.1 * e.crd if e.crd else 0)
             except TransportError:
                 if c.lost or self.ctrl is not c or self.state is not CtrlState.LIVE:
                     continue     # resubmit on the next connection
@@ -334,7 +346,7 @@ class Session:
             found[nsid] = _ns_info(nsid, ident, descs)
         self._apply(found)
 
-    def _update_namespaces(self, c: Controller, from_init: bool) -> None:
+    def _update_namespaces(self, c: Controller) -> None:
         found = {nsid: _ns_info(nsid, ident, c.ns_descs.get(nsid))
                  for nsid, ident in c.namespaces.items() if ident.nsze}
         self._apply(found)

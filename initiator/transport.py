@@ -83,6 +83,12 @@ class Queue:
         self._closed: TransportError | None = None
         self._closed_event = trio.Event()
         self.commands = 0
+        self.completions = 0
+        # Coarse command ages for timeout detection: the controller's checker bumps `epoch`
+        # every tick; submit records it (an int store, no clock read on the hot path).
+        self.epoch = 0
+        self.submit_epoch = [0] * core.depth
+        self.aborted = [False] * core.depth
 
     # -- set-up -----------------------------------------------------------------------------
     @classmethod
@@ -182,6 +188,8 @@ class Queue:
         bufs = core.command(cid, opc, nsid, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15,
                             data=data, read_buf=read_buf, fabrics_raw=fabrics_raw)
         self._opcode[cid] = opc
+        self.submit_epoch[cid] = self.epoch
+        self.aborted[cid] = False
         self.commands += 1
         sendq = self._sendq
         sendq.extend(bufs)
@@ -271,6 +279,7 @@ class Queue:
                         break
                     kind = ev[0]
                     if kind == COMPLETION:
+                        self.completions += 1
                         task = waiter[ev[1]]
                         if task is not None:
                             waiter[ev[1]] = None
@@ -334,6 +343,12 @@ class Queue:
     async def wait_closed(self) -> TransportError:
         await self._closed_event.wait()
         return self._closed
+
+    def overdue(self, max_age: int) -> list[tuple[int, int]]:
+        """(cid, opcode) of commands outstanding for more than `max_age` epochs."""
+        core = self.core
+        limit = self.epoch - max_age
+        return [(c, self._opcode[c]) for c in core.active_cids() if self.submit_epoch[c] < limit]
 
     def statistics(self) -> dict:
         return {"qid": self.qid, "depth": self.core.depth, "outstanding": self.core.outstanding,
