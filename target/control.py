@@ -26,6 +26,8 @@ connections, all when left out):
   fault_malformed          {kind: <faults.MALFORMED name>, cntlid?, qid?}
   post_aen                 {type, info, lid, cntlid?}   (bypasses AEC and masks)
   keep_alive_expire        {cntlid}   (act as if KATO had run out now)
+  set_port                 {state: up | down | blackhole}  (down: close all, reset new ones;
+                            blackhole: all connections, new ones too, silent)
 
 `call(path, method, **params)` is a small synchronous client; `acall` the trio one.
 """
@@ -205,6 +207,10 @@ def m_post_aen(server, p):
     if not done:
         raise ValueError("no controller matches")
     return done
+
+
+def m_set_port(server, p):
+    return server.set_port_state(p.get("state", "up"))
 
 
 def m_keep_alive_expire(server, p):

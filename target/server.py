@@ -242,6 +242,7 @@ class TargetServer:
         self._nursery: trio.Nursery | None = None
         self._listen_socks: list[socket.socket] = []
         self.started_at = time.time()
+        self.port_state = "up"     # up | down (refuse: close at once) | blackhole (silent)
 
     @property
     def port(self) -> int:
@@ -295,12 +296,34 @@ class TargetServer:
                     await trio.sleep(0.1)
                     continue
                 raise
+            if self.port_state == "down":
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+                continue
             c.setblocking(False)
             if c.family in (socket.AF_INET, socket.AF_INET6):
                 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(self, c, f"{addr[0]}:{addr[1]}")
+            if self.port_state == "blackhole":
+                conn.silent = True
             self.conns.add(conn)
             self._nursery.start_soon(conn.run)
+
+    def set_port_state(self, state: str) -> int:
+        """up; down: close every connection and reset new ones (nvmet port unlinked);
+        blackhole: every connection, new ones too, goes silent (a network partition).
+        -> the number of connections affected."""
+        if state not in ("up", "down", "blackhole"):
+            raise ValueError("port state must be up, down or blackhole")
+        self.port_state = state
+        conns = list(self.conns)
+        for c in conns:
+            if state == "down":
+                c.set_silent(False)
+                c.q.close("port down")
+            else:
+                c.set_silent(state == "blackhole")
+        return len(conns)
 
     # -- keep-alive -------------------------------------------------------------------------
     def _controller_added(self, ctrl) -> None:

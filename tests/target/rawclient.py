@@ -89,7 +89,10 @@ class RawClient:
 
     # -- raw I/O --------------------------------------------------------------------------
     async def send(self, *bufs):
-        await self.s.send_all(b"".join(bytes(b) for b in bufs))
+        try:
+            await self.s.send_all(b"".join(bytes(b) for b in bufs))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise Closed(str(e))
 
     async def recv_pdu(self, timeout: float = 5.0):
         """-> (ptype, flags, header bytes, data bytes | None, ddgst_ok); raises Closed on EOF."""
