@@ -145,4 +145,6 @@ COMMANDS = {"discover": discover, "id-ctrl": id_ctrl, "id-ns": id_ns, "smart-log
 
 
 def run(name: str, args) -> int:
-    return trio.run(COMMANDS[name], args)
+    from initiator._util import single_errors
+    with single_errors():
+        return trio.run(COMMANDS[name], args)

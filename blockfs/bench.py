@@ -129,7 +129,9 @@ async def run_bench(args) -> dict:
 
 
 def run(args) -> int:
-    res = trio.run(run_bench, args)
+    from initiator._util import single_errors
+    with single_errors():
+        res = trio.run(run_bench, args)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     if args.output_format == "json":

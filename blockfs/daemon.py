@@ -201,8 +201,10 @@ def run_foreground(args, ready: Callable[[str | None], None]) -> int:
         if not reported[0]:
             reported[0] = True
             ready(err)
+    from initiator._util import single_errors
     try:
-        trio.run(Daemon(args).run, report)
+        with single_errors():
+            trio.run(Daemon(args).run, report)
     except (StartupError, UsageError, NvmeError, InitError, OSError, ValueError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.strerror else \
             f"{e.strerror}{': ' + e.filename if e.filename else ''}"

@@ -1,0 +1,219 @@
+"""`blockfs mount` on the real kernel target (issue 3): files, partitions, filesystems, fio.
+
+The mount runs as the real daemonized command (`blockfs mount ...` returns once ready), the
+checks use ordinary tools (dd, sgdisk, mkfs.ext4, e2fsck, fio, fallocate) on the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.fuse]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(*cmd, check=True, timeout=180, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check, **kw)
+
+
+class Mount:
+    def __init__(self, kt, path, rundir, extra=()):
+        self.kt, self.path, self.rundir = kt, path, rundir
+        self.control = os.path.join(rundir, "ctl.sock")
+        self.env = {**os.environ, "BLOCKFS_RUN_DIR": rundir}
+        r = self.blockfs("mount", "-a", kt.host, "-s", str(kt.port), "-n", kt.nqn, path,
+                         "--control", self.control, *extra)
+        assert r.returncode == 0, r.stderr
+        self.pid = json.loads(open(next(os.path.join(rundir, f) for f in os.listdir(rundir)
+                                         if f.endswith(".json"))).read())["pid"]
+
+    def blockfs(self, *args, check=False):
+        return run(sys.executable, "-m", "blockfs", *args, check=check, env=self.env, cwd=REPO)
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def umount(self):
+        if os.path.ismount(self.path):
+            r = self.blockfs("umount", self.path)
+            assert r.returncode == 0, r.stderr
+        for _ in range(100):
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"daemon {self.pid} still running after umount")
+
+
+@pytest.fixture
+def mount(kernel_target, tmp_path):
+    made = []
+
+    def make(extra=()):
+        mp = tmp_path / f"mnt{len(made)}"
+        rd = tmp_path / f"run{len(made)}"
+        mp.mkdir()
+        rd.mkdir()
+        m = Mount(kernel_target, str(mp), str(rd), extra)
+        made.append(m)
+        return m
+    yield make
+    for m in made:
+        try:
+            m.umount()
+        finally:
+            if os.path.ismount(m.path):
+                run("fusermount3", "-u", "-z", m.path, check=False)
+            try:
+                os.kill(m.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp_path):
+    kt = kernel_target
+    m = mount()
+    assert sorted(os.listdir(m.path))[:2] == ["nvme0n1", "nvme0n2"]
+    assert os.stat(m.file("nvme0n1")).st_size == 64 << 20
+    assert os.stat(m.file("nvme0n2")).st_size == 32 << 20
+    # wipe any table a previous test left, so the listing below is ours
+    run("sgdisk", "--zap-all", m.file("nvme0n1"), check=False)
+    assert wait_for(lambda: sorted(os.listdir(m.path)) == ["nvme0n1", "nvme0n2"])
+
+    # dd a random 16 MiB pattern in, read it back through a fresh mount
+    pat = tmp_path / "pat"
+    pat.write_bytes(os.urandom(16 << 20))
+    run("dd", f"if={pat}", f"of={m.file('nvme0n1')}", "bs=1M", "conv=fsync,notrunc", "status=none")
+    m.umount()
+    assert kt.wait_connections(0, 10.0) == 0          # no controller left behind
+    m = mount()
+    with open(m.file("nvme0n1"), "rb") as f:
+        assert f.read(16 << 20) == pat.read_bytes()
+
+    # sgdisk writes a GPT (in 512-byte sectors, on a file) -> p1/p2 appear with their sizes
+    run("sgdisk", "-n", "1:2048:+8M", "-n", "2:0:+16M", m.file("nvme0n1"))
+    assert wait_for(lambda: {"nvme0n1p1", "nvme0n1p2"} <= set(os.listdir(m.path)))
+    assert os.stat(m.file("nvme0n1p1")).st_size == 8 << 20
+    assert os.stat(m.file("nvme0n1p2")).st_size == 16 << 20
+
+    # data written through p2 lands at p2's offset in nvme0n1
+    data = os.urandom(65536)
+    fd = os.open(m.file("nvme0n1p2"), os.O_WRONLY)
+    os.pwrite(fd, data, 12288)
+    os.fsync(fd)
+    os.close(fd)
+    p2_start = 18432 * 512
+    with open(m.file("nvme0n1"), "rb") as f:
+        f.seek(p2_start + 12288)
+        assert f.read(65536) == data
+
+    # a filesystem on a partition file
+    run("mkfs.ext4", "-q", "-F", m.file("nvme0n1p1"))
+    run("e2fsck", "-fn", m.file("nvme0n1p1"))
+
+    # fio verify through FUSE (small: the VM is slow)
+    if shutil.which("fio"):
+        r = run("fio", "--name=v", f"--filename={m.file('nvme0n1p2')}", "--rw=randwrite",
+                "--bs=4k", "--size=2M", "--verify=crc32c", "--ioengine=libaio", "--iodepth=8",
+                "--direct=1", "--output-format=json")
+        job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+        assert job["error"] == 0
+
+    # punch hole reads back zeros
+    fd = os.open(m.file("nvme0n1p2"), os.O_RDWR)
+    os.pwrite(fd, os.urandom(32768), 0)
+    run("fallocate", "-p", "-o", "8192", "-l", "16384", m.file("nvme0n1p2"))
+    got = os.pread(fd, 32768, 0)
+    os.close(fd)
+    assert got[8192:24576] == bytes(16384)
+    assert got[:8192] != bytes(8192)
+
+    # the control socket and `blockfs list`
+    r = m.blockfs("ctl", "-S", m.control, "list", "-o", "json", check=True)
+    names = {b["name"] for b in json.loads(r.stdout)["bdevs"]}
+    assert {"nvme0n1", "nvme0n1p1", "nvme0n1p2", "nvme0n2"} <= names
+    r = m.blockfs("list", "-o", "json", check=True)
+    assert {d["name"] for d in json.loads(r.stdout)["devices"]} >= names
+    stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
+    assert stats["controllers"][0]["state"] == "live"
+    assert stats["bdevs"]["nvme0n1"]["num_write_ops"] > 0
+
+    m.umount()
+    assert not os.path.ismount(m.path)
+    assert kt.wait_connections(0, 10.0) == 0
+
+
+def test_512_byte_namespace_unaligned_io(mount):
+    m = mount()
+    fd = os.open(m.file("nvme0n2"), os.O_RDWR)
+    try:
+        base = os.urandom(4096)
+        os.pwrite(fd, base, 1 << 20)
+        patch = os.urandom(777)
+        os.pwrite(fd, patch, (1 << 20) + 1001)
+        expect = base[:1001] + patch + base[1001 + 777:]
+        assert os.pread(fd, 4096, 1 << 20) == expect
+    finally:
+        os.close(fd)
+
+
+def test_writes_past_the_end_and_no_new_files(mount):
+    m = mount()
+    size = os.stat(m.file("nvme0n2")).st_size
+    fd = os.open(m.file("nvme0n2"), os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, b"x" * 512, size)
+        assert ei.value.errno in (28, 27)          # ENOSPC / EFBIG
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        open(m.file("newfile"), "w")
+    with pytest.raises(OSError):
+        os.unlink(m.file("nvme0n2"))
+
+
+def test_read_only_mount(mount):
+    m = mount(extra=("--read-only",))
+    with open(m.file("nvme0n2"), "rb") as f:
+        f.read(4096)
+    with pytest.raises(OSError) as ei:
+        os.open(m.file("nvme0n2"), os.O_WRONLY)
+    assert ei.value.errno in (30, 13)               # EROFS / EACCES
+
+
+def test_mount_errors_are_one_line(kernel_target, tmp_path):
+    kt = kernel_target
+    env = {**os.environ, "BLOCKFS_RUN_DIR": str(tmp_path)}
+    mp = tmp_path / "m"
+    mp.mkdir()
+
+    def blockfs(*a):
+        return run(sys.executable, "-m", "blockfs", *a, check=False, env=env, cwd=REPO)
+    r = blockfs("mount", "-a", "127.0.0.1", "-s", "1", "-n", kt.nqn, str(mp))
+    assert r.returncode == 1 and "refused" in r.stderr.lower() and r.stderr.count("\n") == 1
+    r = blockfs("mount", "-a", kt.host, "-s", str(kt.port), "-n", "nqn.2024-01.io.x:none", str(mp))
+    assert r.returncode == 1 and "nqn.2024-01.io.x:none" in r.stderr
+    r = blockfs("mount", "-a", kt.host, "-s", str(kt.port), "-n", kt.nqn, str(tmp_path / "nope"))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    r = blockfs("mount", "-a", kt.host, "-s", str(kt.port), "-n", kt.nqn, str(mp), "-Q", "3")
+    assert r.returncode == 2
+    assert not os.path.ismount(mp)
+    assert kt.wait_connections(0, 10.0) == 0
