@@ -193,7 +193,7 @@ class TargetQueue:
             _t, _f, _hl, pdo, plen = _CH_UNPACK(buf, r)
             opc, cid, nsid, sgl_len, sgl_type, c10, c11, c12 = _FAST_SQE(buf, r + 8)
             ns = nss.get(nsid)
-            if ns is None:
+            if ns is None or not ns.fast:
                 break
             nlb = (c12 & 0xFFFF) + 1
             slba = c10 | (c11 << 32)
@@ -426,7 +426,7 @@ class TargetQueue:
         if self.io and opc == _OPC_READ and self.fast and ok:
             # Hot path: a read with no digests.
             ns = self.nss.get(nsid)
-            if ns is not None:
+            if ns is not None and ns.fast:
                 nlb = (c12 & 0xFFFF) + 1
                 slba = c10 | (c11 << 32)
                 lbads = ns.lbads
@@ -610,6 +610,14 @@ class TargetQueue:
 
     # -- I/O commands ----------------------------------------------------------------------
     def _io(self, opc, cid, nsid, sgl_addr, sgl_len, sgl_type, c10, c11, c12, c13, data):
+        try:
+            self._io_inner(opc, cid, nsid, sgl_addr, sgl_len, sgl_type, c10, c11, c12, c13, data)
+        except OSError as e:
+            # A file backend failed (EIO, ENOSPC...): the command fails, the queue lives on.
+            self._resp(cid, C.UNRECOVERED_READ_ERROR if opc == IoOpcode.READ else C.WRITE_FAULT)
+            self.t.backend_errors.append(f"nsid {nsid} opcode {opc}: {e}")
+
+    def _io_inner(self, opc, cid, nsid, sgl_addr, sgl_len, sgl_type, c10, c11, c12, c13, data):
         ns = self.nss.get(nsid)
         if opc == IoOpcode.FLUSH:
             if nsid == 0xFFFFFFFF:
@@ -671,6 +679,13 @@ class TargetQueue:
         self._resp(cid, C.INVALID_OPCODE)
 
     def _write(self, cid, ns, off, data, fua) -> None:
+        try:
+            self._write_inner(cid, ns, off, data, fua)
+        except OSError as e:
+            self._resp(cid, C.WRITE_FAULT)
+            self.t.backend_errors.append(f"nsid {ns.nsid} write: {e}")
+
+    def _write_inner(self, cid, ns, off, data, fua) -> None:
         if self.nss.get(ns.nsid) is not ns:
             self._resp(cid, C.INVALID_NS)        # removed while the data was in flight
             return
@@ -686,6 +701,13 @@ class TargetQueue:
         self._resp(cid, 0)
 
     def _dsm(self, cid, ns, nr, c11, data) -> None:
+        try:
+            self._dsm_inner(cid, ns, nr, c11, data)
+        except OSError as e:
+            self._resp(cid, C.WRITE_FAULT)
+            self.t.backend_errors.append(f"nsid {ns.nsid} deallocate: {e}")
+
+    def _dsm_inner(self, cid, ns, nr, c11, data) -> None:
         ranges = [DSM_RANGE.unpack_from(data, 16 * i) for i in range(nr)]
         for _attr, nlb, slba in ranges:
             if slba + nlb > ns.nblocks:

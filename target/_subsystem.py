@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid as _uuid
+from collections import deque
 
 from initiator import _structs as st
 from initiator._spec import DISCOVERY_NQN
@@ -31,7 +32,7 @@ class TargetError(Exception):
 
 class Namespace:
     __slots__ = ("nsid", "backend", "block_size", "lbads", "nblocks", "nguid", "eui64", "uuid",
-                 "spec")
+                 "spec", "fast")
 
     def __init__(self, nsid: int, backend: Backend, block_size: int, subnqn: str, spec: str = ""):
         self.nsid = nsid
@@ -40,6 +41,7 @@ class Namespace:
         self.lbads = block_size.bit_length() - 1
         self.nblocks = backend.size // block_size
         self.spec = spec
+        self.fast = backend.kind in ("ram", "null")   # cannot fail: the queue's hot path may serve it
         h = hashlib.sha256(f"{subnqn}/{nsid}/{spec}".encode()).digest()
         self.nguid = h[:16]
         self.eui64 = h[16:24]
@@ -149,6 +151,7 @@ class TargetState:
         self.totals = [0, 0, 0, 0]   # reads, writes, bytes read, bytes written of closed queues
         self.queues: set = set()     # live TargetQueues (for SMART and stats)
         self.keep_alive_expiries = 0
+        self.backend_errors: deque[str] = deque(maxlen=100)   # OSErrors of file backends
         self.on_controller_added = None    # shell hook: start the keep-alive timer
         for sc in config.subsystems:
             self.add_subsystem(sc, notify=False)

@@ -215,3 +215,24 @@ async def test_null_backend(make_target):
         assert (await io.read(1, 5, 1, 4096)).data == bytes(4096)
         await io.aclose()
         await a.aclose()
+
+
+async def test_file_backend_errors_fail_the_command_only(make_target, tmp_path):
+    import errno
+    t = await make_target(namespaces=[f"file:{tmp_path / 'e.img'}:512:1M"])
+    be = t.state.subsystems[NQN].namespaces[1].backend
+
+    def fail(*_a):
+        raise OSError(errno.EIO, "injected")
+    with trio.fail_after(10):
+        a, io = await _setup(t)
+        be.read = fail
+        r = await io.read(1, 0, 1, 512)
+        assert (r.sct, r.sc) == (2, 0x81)
+        be.write = fail
+        r = await io.write(1, 0, bytes(512), 512)
+        assert (r.sct, r.sc) == (2, 0x80)
+        assert (await io.submit(sqe(0x00, 0, 1))).status == 0
+        assert t.state.backend_errors
+        await io.aclose()
+        await a.aclose()
