@@ -66,6 +66,7 @@ class Daemon:
         self.nbd_address: tuple[str, int] | None = None
         self.control_path: str | None = None
         self.started = time.time()
+        self.hotplug = None
         self._stop = trio.Event()
 
     # -- control methods --------------------------------------------------------------------
@@ -89,6 +90,7 @@ class Daemon:
 
     async def rpc_stats(self, params):
         return {"controllers": [s.statistics() for s in self.sessions],
+                "hotplug": self.hotplug.statistics() if self.hotplug else None,
                 "bdevs": {b.name: b.statistics() for b in self.registry.bdevs()}}
 
     async def rpc_rescan(self, params):
@@ -153,6 +155,19 @@ class Daemon:
         policy = reconnect_policy(a)
         session = Session(a.traddr, a.trsvcid, a.nqn, opts, policy, name="nvme0",
                           rescan_interval=getattr(a, "rescan_interval", 60.0))
+        if getattr(a, "hotplug_dir", None):
+            from .hotplug import HotplugRunner
+            self.hotplug = HotplugRunner(a.hotplug_dir, timeout=a.hotplug_timeout,
+                                         mountpoint=self.mountpoint)
+            await nursery.start(self.hotplug.run)
+            self.registry.add_listener(self.hotplug.on_registry_event)
+
+            def on_state(state, reason, s=session):
+                if state.value == "resetting":
+                    self.hotplug.on_controller_state(s, "disconnect", reason)
+                elif state.value == "live" and s.reconnects:
+                    self.hotplug.on_controller_state(s, "reconnect", None)
+            session.on_state = on_state
         await session.start(nursery)
         self.sessions.append(session)
         ctrl = NvmeController(self.registry, session, 0, read_only=a.read_only)

@@ -52,6 +52,11 @@ def add_parsers(sub, common) -> None:
                        help="control socket path (default /run/blockfs/PID.sock)")
         p.add_argument("--rescan-interval", type=float, default=60.0,
                        help="seconds between namespace rescans (backstop for missed events; 0 = off)")
+        p.add_argument("--hotplug-dir", metavar="DIR",
+                       help="run every executable in DIR on each device event (add, remove, resize, "
+                            "partition-added/removed, disconnect, reconnect)")
+        p.add_argument("--hotplug-timeout", type=float, default=30.0,
+                       help="seconds a hotplug script may run before it is killed (default 30)")
         p.add_argument("--log-file", metavar="PATH", help="daemon log (default /run/blockfs/PID.log)")
         p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
         common(p)
@@ -78,6 +83,9 @@ def add_parsers(sub, common) -> None:
 
 
 def _validate(args) -> None:
+    hp = getattr(args, "hotplug_dir", None)
+    if hp and not os.path.isdir(hp):
+        raise o.UsageError(f"--hotplug-dir {hp} is not a directory")
     if args.nbd:
         from .daemon import parse_listen
         try:

@@ -9,50 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 import pytest
 
+from mount_helpers import REPO, Mount, run, wait_for
+
 pytestmark = [pytest.mark.fuse]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run(*cmd, check=True, timeout=180, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check, **kw)
-
-
-class Mount:
-    def __init__(self, kt, path, rundir, extra=()):
-        self.kt, self.path, self.rundir = kt, path, rundir
-        self.control = os.path.join(rundir, "ctl.sock")
-        self.env = {**os.environ, "BLOCKFS_RUN_DIR": rundir}
-        r = self.blockfs("mount", "-a", kt.host, "-s", str(kt.port), "-n", kt.nqn, path,
-                         "--control", self.control, *extra)
-        assert r.returncode == 0, r.stderr
-        self.pid = json.loads(open(next(os.path.join(rundir, f) for f in os.listdir(rundir)
-                                         if f.endswith(".json"))).read())["pid"]
-
-    def blockfs(self, *args, check=False):
-        return run(sys.executable, "-m", "blockfs", *args, check=check, env=self.env, cwd=REPO)
-
-    def file(self, name):
-        return os.path.join(self.path, name)
-
-    def umount(self):
-        if os.path.ismount(self.path):
-            r = self.blockfs("umount", self.path)
-            assert r.returncode == 0, r.stderr
-        for _ in range(100):
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"daemon {self.pid} still running after umount")
-
-
 @pytest.fixture
 def mount(kernel_target, tmp_path):
     made = []
@@ -76,15 +39,6 @@ def mount(kernel_target, tmp_path):
                 os.kill(m.pid, 9)
             except ProcessLookupError:
                 pass
-
-
-def wait_for(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp_path):

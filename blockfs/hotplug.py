@@ -1,0 +1,133 @@
+"""Hotplug scripts: every executable in `--hotplug-dir` runs on each device event, like udev
+RUN rules, with the event in its environment.
+
+Events: add, remove, resize, partition-added, partition-removed (bdevs), and disconnect,
+reconnect (controllers). Environment (udev-like names):
+
+    BLOCKFS_EVENT  BLOCKFS_BDEV  BLOCKFS_PATH  BLOCKFS_SIZE  BLOCKFS_BLOCK_SIZE  BLOCKFS_NSID
+    BLOCKFS_SUBNQN BLOCKFS_CTRL  BLOCKFS_UUID  BLOCKFS_BASE  BLOCKFS_MOUNTPOINT  BLOCKFS_SEQNUM
+    BLOCKFS_TRADDR BLOCKFS_REASON (disconnect)
+
+Ordering and isolation: events of one device (a bdev, or a controller for its own events) run
+in the order they happened, one after another; different devices run side by side. A script
+that fails is logged; one that outlives `timeout` is killed. Neither ever delays I/O (nothing
+here is on the I/O path) nor another device's events. Script output goes to the log.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+class HotplugRunner:
+    def __init__(self, directory: str, *, timeout: float = 30.0, mountpoint: str | None = None):
+        self.directory = directory
+        self.timeout = timeout
+        self.mountpoint = mountpoint
+        self._queues: dict[str, trio.MemorySendChannel] = {}
+        self._seq = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self.runs = 0
+        self.failures = 0
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as n:
+            self._nursery = n
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    def scripts(self) -> list[str]:
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError as e:
+            log.warning("hotplug: cannot list %s: %s", self.directory, e)
+            return []
+        out = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if name.startswith(".") or not os.path.isfile(path) or not os.access(path, os.X_OK):
+                continue
+            out.append(path)
+        return out
+
+    # -- event sources ----------------------------------------------------------------------
+    def on_registry_event(self, event: str, bdev) -> None:
+        is_part = getattr(bdev, "base", None) is not None
+        kind = {"add": "partition-added" if is_part else "add",
+                "remove": "partition-removed" if is_part else "remove",
+                "resize": "resize"}.get(event)
+        if kind is None:
+            return
+        session = getattr(bdev, "session", None) or getattr(getattr(bdev, "base", None), "session", None)
+        env = {
+            "BLOCKFS_BDEV": bdev.name,
+            "BLOCKFS_PATH": os.path.join(self.mountpoint, bdev.name) if self.mountpoint else "",
+            "BLOCKFS_SIZE": str(bdev.size),
+            "BLOCKFS_BLOCK_SIZE": str(bdev.block_size),
+            "BLOCKFS_NSID": str(getattr(bdev, "nsid", "") or getattr(getattr(bdev, "base", None), "nsid", "") or ""),
+            "BLOCKFS_UUID": bdev.uuid or "",
+            "BLOCKFS_BASE": bdev.base.name if is_part else "",
+            "BLOCKFS_SUBNQN": session.subnqn if session else "",
+            "BLOCKFS_CTRL": session.name if session else "",
+        }
+        self.emit(kind, bdev.name, env)
+
+    def on_controller_state(self, session, kind: str, reason: str | None) -> None:
+        self.emit(kind, session.name, {
+            "BLOCKFS_BDEV": "", "BLOCKFS_CTRL": session.name, "BLOCKFS_SUBNQN": session.subnqn,
+            "BLOCKFS_TRADDR": f"{session.host}:{session.port}", "BLOCKFS_REASON": reason or ""})
+
+    def emit(self, event: str, device: str, env: dict) -> None:
+        """Queue `event` for `device` (sync, never blocks)."""
+        if self._nursery is None:
+            return
+        env = {**env, "BLOCKFS_EVENT": event, "BLOCKFS_SEQNUM": str(next(self._seq)),
+               "BLOCKFS_MOUNTPOINT": self.mountpoint or ""}
+        q = self._queues.get(device)
+        if q is None:
+            send, recv = trio.open_memory_channel(10000)
+            self._queues[device] = q = send
+            self._nursery.start_soon(self._device_worker, device, recv)
+        try:
+            q.send_nowait(env)
+        except trio.WouldBlock:
+            log.error("hotplug: event queue of %s full, dropping %s", device, event)
+
+    async def _device_worker(self, device: str, recv) -> None:
+        async for env in recv:
+            for script in self.scripts():
+                await self._run_one(script, env)
+
+    async def _run_one(self, script: str, env: dict) -> None:
+        full_env = {**os.environ, **env}
+        self.runs += 1
+        what = f"{os.path.basename(script)} {env['BLOCKFS_EVENT']} {env.get('BLOCKFS_BDEV') or env.get('BLOCKFS_CTRL')}"
+        proc = None
+        try:
+            with trio.move_on_after(self.timeout) as scope:
+                proc = await trio.run_process([script], env=full_env, check=False,
+                                              capture_stdout=True, capture_stderr=True,
+                                              stdin=b"")
+            if scope.cancelled_caught:
+                self.failures += 1
+                log.warning("hotplug: %s killed after %g s", what, self.timeout)
+                return
+        except OSError as e:
+            self.failures += 1
+            log.warning("hotplug: %s could not run: %s", what, e)
+            return
+        out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+        if proc.returncode:
+            self.failures += 1
+            log.warning("hotplug: %s exited %d%s", what, proc.returncode, f": {out}" if out else "")
+        elif out:
+            log.info("hotplug: %s: %s", what, out)
+
+    def statistics(self) -> dict:
+        return {"directory": self.directory, "runs": self.runs, "failures": self.failures}
