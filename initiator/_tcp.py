@@ -154,7 +154,10 @@ class HostQueue:
             dlen = len(data)
             in_capsule = dlen <= self.in_capsule_max
         elif read_buf is not None:
-            dlen = len(read_buf)
+            if type(read_buf) is not memoryview:
+                # Slicing a bytearray copies: data would land in the copy, never in the buffer.
+                read_buf = memoryview(read_buf)
+            dlen = read_buf.nbytes
         buf = self._cmdbuf[cid]
         hd = 4 if self.hdgst else 0
         if in_capsule and dlen:

@@ -32,22 +32,25 @@ def _kernel(kt) -> TargetInfo:
                       lambda expected, timeout=10.0: kt.wait_connections(expected, timeout))
 
 
-def _embedded(request) -> TargetInfo:
-    emb = request.getfixturevalue("embedded_target")
-    return emb
+@pytest.fixture(scope="session")
+def embedded_target_session():
+    """blockfs's own target in a subprocess, same namespaces as the kernel target."""
+    from target.testing import start_embedded_target
+    with start_embedded_target(ns=("64M", "32M:512")) as et:
+        yield et
 
 
-TARGET_KINDS = ["kernel"]
-try:   # the embedded target joins the parametrisation once it exists
-    import target as _target_pkg  # noqa: F401
-    from embedded_target import embedded_target  # noqa: F401  (fixture)
-    TARGET_KINDS.append("embedded")
-except ImportError:
-    pass
+def _embedded(et) -> TargetInfo:
+    ns = {n["nsid"]: (n["bytes"] // n["block_size"], n["block_size"]) for n in et.namespaces}
+    return TargetInfo("embedded", et.host, et.port, et.nqn, ns, et.connections,
+                      lambda expected, timeout=10.0: et.wait_connections(expected, timeout))
+
+
+TARGET_KINDS = ["kernel", "embedded"]
 
 
 @pytest.fixture(params=TARGET_KINDS)
 def nvme_target(request) -> TargetInfo:
     if request.param == "kernel":
         return _kernel(request.getfixturevalue("kernel_target"))
-    return _embedded(request)
+    return _embedded(request.getfixturevalue("embedded_target_session"))
