@@ -60,11 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import mount_cli
     mount_cli.add_parsers(sub, _common)
+    sub.add_parser("target", add_help=False,
+                   help="run the embedded NVMe/TCP target (see 'blockfs target --help')")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["target"]:
+        # The embedded target has its own parser (target/cli.py); pass everything through.
+        from target.cli import main as target_main
+        return target_main(argv[1:])
     ap = build_parser()
     from . import mount_cli
     mount_cli._ARGV[:] = argv

@@ -68,10 +68,13 @@ def add_parsers(sub, common) -> None:
     common(p)
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("ctl", help="talk to a running daemon's control socket")
+    p = sub.add_parser("ctl", help="call a JSON-RPC method on a control socket (a blockfs "
+                       "daemon's: list, stats, rescan [BDEV], shutdown; or the embedded "
+                       "target's: resize_ns nsid=1 size=128M, add_ns spec=ram:16M, ...)")
     p.add_argument("-S", "--socket", required=True, help="control socket path")
-    p.add_argument("action", choices=["list", "stats", "rescan", "shutdown"])
-    p.add_argument("bdev", nargs="?", help="bdev to re-examine (rescan)")
+    p.add_argument("action", help="method name")
+    p.add_argument("params", nargs="*", metavar="KEY=VALUE | BDEV",
+                   help="parameters (numbers are passed as numbers); for rescan, a bdev name")
     o.add_output(p)
     common(p)
     p.set_defaults(func=cmd_ctl)
@@ -200,20 +203,35 @@ def cmd_umount(args) -> int:
     return 0
 
 
+def _ctl_params(args) -> dict:
+    params: dict = {}
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            if args.action == "rescan" and "bdev" not in params:
+                params["bdev"] = item
+                continue
+            raise o.UsageError(f"parameter '{item}' is not KEY=VALUE")
+        try:
+            params[key] = int(value, 0)
+        except ValueError:
+            params[key] = {"true": True, "false": False}.get(value, value)
+    return params
+
+
 def cmd_ctl(args) -> int:
-    params = {"bdev": args.bdev} if args.bdev else {}
+    params = _ctl_params(args)
     try:
         res = call(args.socket, args.action, params)
     except ControlError as e:
         print(f"blockfs ctl: {e}", file=sys.stderr)
         return 1
-    if args.output_format == "json" or args.action in ("stats",):
-        print(json.dumps(res, indent=2))
-    elif args.action in ("list", "rescan"):
-        rows = res["bdevs"] if isinstance(res, dict) else res
+    rows = res.get("bdevs") if isinstance(res, dict) else res
+    if args.output_format != "json" and args.action in ("list", "rescan") and \
+            isinstance(rows, list) and all(isinstance(r, dict) and "block_size" in r for r in rows):
         _print_bdevs(rows)
     else:
-        print(res)
+        print(json.dumps(res, indent=2))
     return 0
 
 
