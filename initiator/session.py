@@ -123,6 +123,9 @@ class Session:
         self._done = trio.Event()
         self._ever_live = False
         self._went_live = False
+        # How a connection is made: open_controller's signature; tests drive the reconnect
+        # logic with a fake (no sockets).
+        self._open = open_controller
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> None:
@@ -200,7 +203,7 @@ class Session:
     async def _connected_once(self, task_status) -> None:
         """One connection's life: bring-up, live until lost or stopped, then teardown
         (open_controller's exit shuts the controller down when we stop)."""
-        async with open_controller(self.host, self.port, self.subnqn, self.opts) as c:
+        async with self._open(self.host, self.port, self.subnqn, self.opts) as c:
             self.ctrl = c
             c.on_async_event = self._on_aen
             self._update_namespaces(c)
