@@ -362,7 +362,8 @@ class Session:
         for kind, nsid in events:
             log.info("%s: namespace %d %s", self.name, nsid, kind)
             if cb is not None:
-                cb(kind, nsid, found.get(nsid) or old.get(nsid))
+                # A remove describes what went away, also when an identity change replaced it.
+                cb(kind, nsid, old[nsid] if kind == "remove" else found[nsid])
 
     def statistics(self) -> dict:
         c = self.ctrl
