@@ -212,6 +212,7 @@ class NvmeController:
                 await self.registry.unregister(b.name)
 
     async def detach(self) -> None:
+        self._send.close()          # ends _run
         for nsid in sorted(self.bdevs, reverse=True):
             b = self.bdevs.pop(nsid)
             if self.registry.get(b.name) is not None:

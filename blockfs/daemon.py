@@ -67,6 +67,9 @@ class Daemon:
         self.control_path: str | None = None
         self.started = time.time()
         self.hotplug = None
+        self.discovery = None
+        self._next_index = 0
+        self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
 
     # -- control methods --------------------------------------------------------------------
@@ -91,6 +94,7 @@ class Daemon:
     async def rpc_stats(self, params):
         return {"controllers": [s.statistics() for s in self.sessions],
                 "hotplug": self.hotplug.statistics() if self.hotplug else None,
+                "discovery": self.discovery.statistics() if self.discovery else None,
                 "bdevs": {b.name: b.statistics() for b in self.registry.bdevs()}}
 
     async def rpc_rescan(self, params):
@@ -151,28 +155,25 @@ class Daemon:
 
     async def _start(self, nursery: trio.Nursery) -> None:
         a = self.args
-        opts = controller_options(a)
-        policy = reconnect_policy(a)
-        session = Session(a.traddr, a.trsvcid, a.nqn, opts, policy, name="nvme0",
-                          rescan_interval=getattr(a, "rescan_interval", 60.0))
+        self._nursery = nursery
         if getattr(a, "hotplug_dir", None):
             from .hotplug import HotplugRunner
             self.hotplug = HotplugRunner(a.hotplug_dir, timeout=a.hotplug_timeout,
                                          mountpoint=self.mountpoint)
             await nursery.start(self.hotplug.run)
             self.registry.add_listener(self.hotplug.on_registry_event)
-
-            def on_state(state, reason, s=session):
-                if state.value == "resetting":
-                    self.hotplug.on_controller_state(s, "disconnect", reason)
-                elif state.value == "live" and s.reconnects:
-                    self.hotplug.on_controller_state(s, "reconnect", None)
-            session.on_state = on_state
-        await session.start(nursery)
-        self.sessions.append(session)
-        ctrl = NvmeController(self.registry, session, 0, read_only=a.read_only)
-        await ctrl.start(nursery)
-        self.controllers.append(ctrl)
+        if getattr(a, "discovery", False):
+            from .discovery import DiscoveryFollower
+            self.discovery = DiscoveryFollower(
+                a.traddr, a.trsvcid, controller_options(a), persistent=a.persistent,
+                rescan_interval=getattr(a, "rescan_interval", 60.0), attach=self.attach,
+                detach=self.detach, only_nqn=a.nqn, policy=reconnect_policy(a))
+            await self.discovery.start(nursery)
+            if not self.sessions:
+                raise StartupError(f"the discovery controller at {a.traddr}:{a.trsvcid} lists no "
+                                   f"NVM subsystem that could be attached")
+        else:
+            await self.attach(a.nqn, a.traddr, a.trsvcid)
         if self.mountpoint:
             from .fuse import serve_fuse
             self._fuse_scope = trio.CancelScope()
@@ -187,6 +188,39 @@ class Daemon:
             "list": self.rpc_list, "stats": self.rpc_stats, "rescan": self.rpc_rescan,
             "shutdown": self.rpc_shutdown})
 
+    async def attach(self, nqn: str, host: str, port: int) -> NvmeController:
+        """Connect a subsystem and register its namespaces as bdevs (`nvme<N>n<NSID>`)."""
+        a = self.args
+        index = self._next_index
+        session = Session(host, port, nqn, controller_options(a), reconnect_policy(a),
+                          name=f"nvme{index}",
+                          rescan_interval=getattr(a, "rescan_interval", 60.0))
+        if self.hotplug is not None:
+            hp = self.hotplug
+
+            def on_state(state, reason, s=session):
+                if state.value == "resetting":
+                    hp.on_controller_state(s, "disconnect", reason)
+                elif state.value == "live" and s.reconnects:
+                    hp.on_controller_state(s, "reconnect", None)
+            session.on_state = on_state
+        await session.start(self._nursery)
+        self._next_index += 1
+        ctrl = NvmeController(self.registry, session, index, read_only=a.read_only)
+        await ctrl.start(self._nursery)
+        self.sessions.append(session)
+        self.controllers.append(ctrl)
+        return ctrl
+
+    async def detach(self, nqn: str) -> None:
+        """Hot-remove a subsystem's bdevs and shut its controller down."""
+        for ctrl in [c for c in self.controllers if c.session.subnqn == nqn]:
+            self.controllers.remove(ctrl)
+            self.sessions.remove(ctrl.session)
+            await ctrl.detach()
+            with trio.move_on_after(10):
+                await ctrl.session.aclose()
+
     async def _run_fuse(self, serve_fuse, task_status=trio.TASK_STATUS_IGNORED) -> None:
         a = self.args
         with self._fuse_scope:
@@ -199,6 +233,9 @@ class Daemon:
     async def _shutdown(self, nursery: trio.Nursery) -> None:
         if self.mountpoint:
             self._fuse_scope.cancel()
+        if self.discovery is not None:
+            with trio.move_on_after(5):
+                await self.discovery.aclose()
         for s in self.sessions:
             with trio.move_on_after(10):
                 await s.aclose()

@@ -33,8 +33,14 @@ def add_parsers(sub, common) -> None:
     for name in ("mount", "nbd"):
         p = sub.add_parser(name, help="mount namespaces as files (FUSE)" if name == "mount"
                            else "serve namespaces over NBD only")
-        o.add_transport(p)
+        o.add_transport(p, nqn_required=False)
         o.add_connect(p, reconnect=True)
+        p.add_argument("--discovery", action="store_true",
+                       help="-a/-s name a discovery controller: attach every NVM subsystem it "
+                            "lists (connect-all)")
+        p.add_argument("--persistent", action="store_true",
+                       help="with --discovery: stay connected to the discovery controller and "
+                            "attach/detach subsystems as its log changes")
         if name == "mount":
             p.add_argument("mountpoint", help="directory to mount on")
             p.add_argument("--nbd", metavar="ADDR:PORT", help="also serve NBD on ADDR:PORT")
@@ -86,6 +92,10 @@ def add_parsers(sub, common) -> None:
 
 
 def _validate(args) -> None:
+    if not args.nqn and not args.discovery:
+        raise o.UsageError("-n/--nqn is required (or --discovery)")
+    if args.persistent and not args.discovery:
+        raise o.UsageError("--persistent goes with --discovery")
     hp = getattr(args, "hotplug_dir", None)
     if hp and not os.path.isdir(hp):
         raise o.UsageError(f"--hotplug-dir {hp} is not a directory")

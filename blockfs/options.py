@@ -67,7 +67,8 @@ def _hostid(s: str) -> str:
         raise argparse.ArgumentTypeError(f"'{s}' is not a UUID") from None
 
 
-def add_transport(p: argparse.ArgumentParser, *, need_nqn: bool = True) -> None:
+def add_transport(p: argparse.ArgumentParser, *, need_nqn: bool = True,
+                  nqn_required: bool = True) -> None:
     g = p.add_argument_group("transport")
     g.add_argument("-t", "--transport", default="tcp", choices=["tcp"],
                    help="transport type (only tcp)")
@@ -75,7 +76,9 @@ def add_transport(p: argparse.ArgumentParser, *, need_nqn: bool = True) -> None:
     g.add_argument("-s", "--trsvcid", type=_positive_int(1, 65535), default=DEFAULT_PORT,
                    help=f"target TCP port (default {DEFAULT_PORT})")
     if need_nqn:
-        g.add_argument("-n", "--nqn", required=True, help="subsystem NQN")
+        g.add_argument("-n", "--nqn", required=nqn_required,
+                       help="subsystem NQN" + ("" if nqn_required else
+                                              " (with --discovery: attach only this one)"))
     g.add_argument("-q", "--hostnqn", default=None, help="host NQN (default: /etc/nvme/hostnqn "
                    "or one derived from the machine id)")
     g.add_argument("-I", "--hostid", type=_hostid, default=None, help="host identifier (UUID)")

@@ -197,3 +197,48 @@ def test_ctrl_loss_tmo_gives_eio_and_the_mount_stays_responsive(live_target, liv
     t2 = time.monotonic()
     m.umount()                                                         # umount does not hang
     assert time.monotonic() - t2 < 15
+
+
+SECOND = "nqn.2026-01.io.blockfs:second"
+ADD_SECOND = f"""set -e
+S=/sys/kernel/config/nvmet/subsystems/{SECOND}
+mkdir $S
+echo 1 > $S/attr_allow_any_host
+mkdir $S/namespaces/1
+truncate -s 8M /srv/second.img
+echo -n /srv/second.img > $S/namespaces/1/device_path
+echo 1 > $S/namespaces/1/buffered_io
+echo 1 > $S/namespaces/1/enable
+ln -s $S /sys/kernel/config/nvmet/ports/1/subsystems/{SECOND}
+"""
+
+
+def test_discovery_connect_all_follows_the_log(live_target, tmp_path):
+    """`mount --discovery --persistent`: every listed subsystem is attached; a subsystem linked
+    to the port later (Discovery Log Page Change AEN) is attached, an unlinked one detached."""
+    kt = live_target
+    mp, rd = tmp_path / "dm", tmp_path / "dr"
+    mp.mkdir()
+    rd.mkdir()
+    m = Mount.__new__(Mount)      # discovery mode: no -n
+    m.kt, m.path, m.rundir = kt, str(mp), str(rd)
+    m.control = str(rd / "ctl.sock")
+    m.env = {**os.environ, "BLOCKFS_RUN_DIR": str(rd)}
+    r = m.blockfs("mount", "--discovery", "--persistent", "-a", kt.host, "-s", str(kt.port),
+                  str(mp), "--control", m.control)
+    assert r.returncode == 0, r.stderr
+    m.pid = json.loads(next(rd.glob("*.json")).read_text())["pid"]
+    try:
+        assert "nvme0n1" in os.listdir(m.path)
+        kt.sh(ADD_SECOND)
+        assert wait_for(lambda: size(m.file("nvme1n1")) == 8 << 20, 5.0), os.listdir(m.path)
+        stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
+        assert SECOND in stats["discovery"]["attached"]
+        kt.sh(f"rm /sys/kernel/config/nvmet/ports/1/subsystems/{SECOND}")
+        assert wait_for(lambda: not os.path.exists(m.file("nvme1n1")), 5.0)
+        assert os.path.exists(m.file("nvme0n1"))
+    finally:
+        kt.ctl(f"rm -f /sys/kernel/config/nvmet/ports/1/subsystems/{SECOND}; "
+               f"rmdir /sys/kernel/config/nvmet/subsystems/{SECOND}/namespaces/1 "
+               f"/sys/kernel/config/nvmet/subsystems/{SECOND}")
+        m.umount()
