@@ -145,9 +145,10 @@ def test_twenty_resizes_in_a_row(live_target, live_mount):
 
 
 @pytest.mark.skipif(not shutil.which("fio"), reason="fio not installed")
-def test_fio_verify_survives_a_port_cut(live_target, live_mount, tmp_path):
+def test_fio_verify_survives_a_port_cut(live_target, live_mount, hotplug):
     kt = live_target
-    m = live_mount()
+    hp_dir, events = hotplug
+    m = live_mount("--hotplug-dir", hp_dir, "--hotplug-timeout", "2")
     cutter_err = []
 
     def cut():
@@ -172,6 +173,9 @@ def test_fio_verify_survives_a_port_cut(live_target, live_mount, tmp_path):
     stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
     assert stats["controllers"][0]["reconnects"] >= 1
     assert stats["controllers"][0]["state"] == "live"
+    # hotplug scripts were told: disconnect, then reconnect (controller events carry BLOCKFS_CTRL)
+    assert wait_for(lambda: [e[0] for e in events() if e[0] in ("disconnect", "reconnect")][:2]
+                    == ["disconnect", "reconnect"], 5.0), events()
 
 
 def test_ctrl_loss_tmo_gives_eio_and_the_mount_stays_responsive(live_target, live_mount):
