@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import uuid as _uuid
 from typing import Callable
@@ -445,7 +446,8 @@ class Controller:
                 limit = o.admin_timeout if q.qid == 0 else o.io_timeout
                 if limit <= 0:
                     continue
-                max_age = max(int(limit / tick), 1)
+                # Round up: a command is never aborted (or reset) before its timeout.
+                max_age = max(math.ceil(limit / tick), 1)
                 for cid, opc in q.overdue(max_age):
                     if q.qid == 0 and opc in (AdminOpcode.ASYNC_EVENT_REQUEST,
                                               AdminOpcode.KEEP_ALIVE):
