@@ -260,7 +260,9 @@ class Session:
                 if retries < 0 or not (is_retryable(e.sct, e.sc, e.dnr) or
                                        (e.sct == 0 and e.sc == 0x07 and not e.dnr)):
                     raise
-                await trio.sleep(0.1 * e.crd if e.crd else 0)
+                # CRD selects CRDT1-3 of Identify Controller, in 100 ms units (Base 4.2.3.2,
+                # kernel nvme_retry_req); it is not a delay itself.
+                await trio.sleep(getattr(c.ctrl, f"crdt{e.crd}", 0) / 10 if e.crd else 0)
             except TransportError:
                 if c.lost or self.ctrl is not c or self.state is not CtrlState.LIVE:
                     continue     # resubmit on the next connection
