@@ -12,7 +12,8 @@ that completed with an NVMe error). No I/O and no clock of its own: `now` is pas
 tests can drive every path, including CAP.TO expiry.
 
 Order (SPDK nvme_ctrlr.c; the kernel is the same for fabrics):
-    READ_VS -> READ_CAP -> READ_CC -> [DISABLE -> WAIT_NOT_RDY] -> ENABLE -> WAIT_RDY ->
+    READ_VS -> READ_CAP -> READ_CC -> [DISABLE -> WAIT_NOT_RDY or CHECK_RDY (-> WAIT_NOT_RDY)]
+    -> ENABLE -> WAIT_RDY ->
     IDENTIFY_CTRLR -> SET_NUM_QUEUES -> CONFIGURE_AER -> (keep-alive starts: KATO came with
     Connect) -> IDENTIFY_ACTIVE_NS (paged) -> IDENTIFY_NS / IDENTIFY_NS_DESCS for each -> READY
 A discovery controller stops after IDENTIFY_CTRLR (+ its AER configuration if persistent).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import enum
 
-from ._errors import LocalProtocolError, NvmeStatusError, RemoteProtocolError
+from ._errors import LocalProtocolError, NvmeStatusError
 from ._spec import (
     CC_EN, CC_IOCQES, CC_IOSQES, CSTS_CFS, CSTS_RDY, Cns, FeatureId, Property,
 )
@@ -32,6 +33,7 @@ class InitState(enum.Enum):
     READ_VS = "read VS"
     READ_CAP = "read CAP"
     READ_CC = "read CC"
+    CHECK_RDY = "check CSTS.RDY (CC.EN=0)"
     DISABLE = "disable (CC.EN=0)"
     WAIT_NOT_RDY = "wait for CSTS.RDY=0"
     ENABLE = "enable (CC.EN=1)"
@@ -116,6 +118,8 @@ class ControllerInit:
             return ("prop_get", Property.CAP, True)
         if st is InitState.READ_CC:
             return ("prop_get", Property.CC, False)
+        if st is InitState.CHECK_RDY:
+            return ("prop_get", Property.CSTS, False)
         if st is InitState.DISABLE:
             return ("prop_set", Property.CC, self.cc & ~CC_EN, False)
         if st in (InitState.WAIT_NOT_RDY, InitState.WAIT_RDY):
@@ -157,6 +161,13 @@ class ControllerInit:
             # SPDK CHECK_EN / kernel: a controller left enabled is disabled first.
             if dw0 & CC_EN:
                 self._go(InitState.DISABLE)
+            else:
+                self._go(InitState.CHECK_RDY)
+        elif st is InitState.CHECK_RDY:
+            # SPDK CHECK_EN: CC.EN=0 but CSTS.RDY=1 is a controller still disabling: wait for
+            # RDY=0 before enabling (Base 3.5.1: EN must not go 0->1 while RDY is 1).
+            if dw0 & CSTS_RDY:
+                self._go(InitState.WAIT_NOT_RDY, now)
             else:
                 self._go(InitState.ENABLE)
         elif st is InitState.DISABLE:
@@ -204,7 +215,8 @@ class ControllerInit:
             # Base 5.17.2.2: ascending NSIDs greater than the one given, zero-terminated.
             if any(n <= self._list_start for n in ids) or ids != sorted(ids):
                 self.state = InitState.ERROR
-                raise RemoteProtocolError("active namespace list not ascending", 0, 0)
+                raise InitError(st, "the active namespace list is not in ascending order "
+                                    "(Base 5.17.2.2)")
             self.active_ns.extend(ids)
             if len(ids) == NS_LIST_PAGE and ids[-1] < 0xFFFFFFFE:
                 self._list_start = ids[-1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from initiator import _structs as st
-from initiator._errors import LocalProtocolError, NvmeStatusError, RemoteProtocolError
+from initiator._errors import LocalProtocolError, NvmeStatusError
 from initiator._init import ControllerInit, InitError, InitState as S
 from initiator._spec import Cns, FeatureId, Property
 
@@ -148,6 +148,7 @@ def test_order_for_a_disabled_controller():
         ("prop_get", Property.VS, False),
         ("prop_get", Property.CAP, True),
         ("prop_get", Property.CC, False),
+        ("prop_get", Property.CSTS, False),                          # CC.EN=0: RDY must be 0
         ("prop_set", Property.CC, CC_ENABLE, False),
         *polls(3),
         ("identify", Cns.CONTROLLER, 0),
@@ -161,7 +162,7 @@ def test_order_for_a_disabled_controller():
         ("done",),
     ]
     assert init.trace == [
-        S.READ_VS, S.READ_CAP, S.READ_CC, S.ENABLE, S.WAIT_RDY, S.IDENTIFY_CTRLR,
+        S.READ_VS, S.READ_CAP, S.READ_CC, S.CHECK_RDY, S.ENABLE, S.WAIT_RDY, S.IDENTIFY_CTRLR,
         S.SET_NUM_QUEUES, S.CONFIGURE_AER, S.IDENTIFY_ACTIVE_NS, S.IDENTIFY_NS,
         S.IDENTIFY_NS_DESCS, S.IDENTIFY_NS, S.IDENTIFY_NS_DESCS, S.READY,
     ]
@@ -193,10 +194,30 @@ def test_enabled_controller_is_disabled_first():
     assert init.state is S.READY and init.cc == CC_ENABLE | 0x10
 
 
+def test_disabled_but_still_ready_waits_for_rdy_0_before_enabling():
+    """SPDK CHECK_EN: CC.EN=0 with CSTS.RDY=1 is a controller still shutting down."""
+    fake = FakeController(not_rdy_polls=3, rdy_polls=1)
+    fake.rdy = True                               # EN=0 but RDY=1
+    init = make()
+    actions = drive(init, fake)
+    assert actions[:9] == [
+        ("prop_get", Property.VS, False),
+        ("prop_get", Property.CAP, True),
+        ("prop_get", Property.CC, False),
+        *polls(3),                                # check (RDY=1), then wait until RDY=0
+        ("prop_set", Property.CC, CC_ENABLE, False),
+        *polls(1),
+        ("identify", Cns.CONTROLLER, 0),
+    ]
+    assert init.trace[:6] == [S.READ_VS, S.READ_CAP, S.READ_CC, S.CHECK_RDY, S.WAIT_NOT_RDY,
+                              S.ENABLE]
+    assert init.state is S.READY
+
+
 def test_wait_rdy_keeps_polling_without_new_states():
     init, fake = make(), FakeController(rdy_polls=25)
     drive(init, fake, dt=0.1)                    # 2.5 s, within CAP.TO = 10 s
-    assert fake.actions.count(("prop_get", Property.CSTS, False)) == 25
+    assert fake.actions.count(("prop_get", Property.CSTS, False)) == 1 + 25   # check + polls
     assert init.trace.count(S.WAIT_RDY) == 1
 
 
@@ -217,7 +238,7 @@ def test_cap_to_expiry_in_wait_rdy():
     # CAP.TO = 2: 1 s. Enabled at t = 10.0; polls up to the deadline are fine, past it fail.
     init, fake = make(now=0.0), FakeController(to=2, never_ready=True)
     t = 10.0
-    for _ in range(4):                                   # VS, CAP, CC, enable
+    for _ in range(5):                                   # VS, CAP, CC, CSTS check, enable
         kind, (dw0, dw1, data) = fake.answer(init.next_action(t))
         init.on_result(t, dw0, dw1, data)
     assert init.state is S.WAIT_RDY and init.timeout == 1.0
@@ -380,8 +401,9 @@ def test_non_ascending_ns_list_fails():
                 return "ok", (0, 0, bytes.fromhex("02000000 01000000") + bytes(4088))
             return super().answer(act)
 
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(InitError) as ei:
         drive(init, Liar())
+    assert ei.value.state is S.IDENTIFY_ACTIVE_NS and "ascending" in str(ei.value)
     assert init.state is S.ERROR
 
 
@@ -432,6 +454,7 @@ def test_discovery_controller_stops_after_identify():
         ("prop_get", Property.VS, False),
         ("prop_get", Property.CAP, True),
         ("prop_get", Property.CC, False),
+        ("prop_get", Property.CSTS, False),
         ("prop_set", Property.CC, CC_ENABLE, False),
         *polls(1),
         ("identify", Cns.CONTROLLER, 0),
