@@ -173,14 +173,13 @@ class Session:
                     # tasks already parked on the unset one must be woken by the next LIVE.
                     self._live = trio.Event()
                 now = trio.current_time()
+                pol = self.policy
                 if lost_at is None:
                     lost_at = now
                     self._set_state(CtrlState.RESETTING, self.last_error)
-                pol = self.policy
-                if pol.fast_io_fail_tmo >= 0 and now - lost_at >= pol.fast_io_fail_tmo:
-                    self._io_fail = True
-                    self._live.set()          # waiters wake and fail
-                    self._live = trio.Event()
+                    if pol.fast_io_fail_tmo >= 0:
+                        self._nursery.start_soon(self._fail_fast,
+                                                 lost_at + pol.fast_io_fail_tmo, self.reconnects)
                 if pol.ctrl_loss_tmo >= 0 and now - lost_at >= pol.ctrl_loss_tmo:
                     self._set_state(CtrlState.FAILED, f"not reconnected within ctrl-loss-tmo "
                                     f"({pol.ctrl_loss_tmo:g} s): {self.last_error}")
@@ -189,8 +188,6 @@ class Session:
                 delay = pol.reconnect_delay
                 if pol.ctrl_loss_tmo >= 0:
                     delay = min(delay, max(lost_at + pol.ctrl_loss_tmo - now, 0.0))
-                if pol.fast_io_fail_tmo >= 0 and not self._io_fail:
-                    delay = min(delay, max(lost_at + pol.fast_io_fail_tmo - now, 0.0))
                 with trio.move_on_after(delay):
                     await self._stop.wait()
         finally:
@@ -199,6 +196,16 @@ class Session:
                 self._set_state(CtrlState.DELETING)
             self._live.set()
             self._done.set()
+
+    async def _fail_fast(self, deadline: float, reconnects: int) -> None:
+        """Kernel nvme_failfast_work: a timer of its own, so that a reconnect attempt stuck in
+        a connect timeout neither holds I/O past fast-io-fail-tmo nor shifts the attempts."""
+        with trio.move_on_at(deadline):
+            await self._stop.wait()
+        if self.reconnects == reconnects and self.state is CtrlState.RESETTING:
+            self._io_fail = True
+            self._live.set()          # waiters wake and fail
+            self._live = trio.Event()
 
     async def _connected_once(self, task_status) -> None:
         """One connection's life: bring-up, live until lost or stopped, then teardown
