@@ -54,3 +54,33 @@ def wait_for(pred, timeout=5.0):
     return pred()
 
 
+
+
+class MountFactory:
+    """Makes `Mount`s in `tmp_path` and tears them all down (umount, then force)."""
+
+    def __init__(self, kt, tmp_path, base_extra=()):
+        self.kt, self.tmp_path, self.base_extra = kt, tmp_path, tuple(base_extra)
+        self.made: list[Mount] = []
+
+    def __call__(self, *extra) -> Mount:
+        n = len(self.made)
+        mp, rd = self.tmp_path / f"mnt{n}", self.tmp_path / f"run{n}"
+        mp.mkdir()
+        rd.mkdir()
+        m = Mount(self.kt, str(mp), str(rd), extra=(*self.base_extra, *extra))
+        self.made.append(m)
+        return m
+
+    def close(self, *, clean: bool = True) -> None:
+        for m in self.made:
+            try:
+                if clean:
+                    m.umount()
+            finally:
+                if os.path.ismount(m.path):
+                    run("fusermount3", "-u", "-z", m.path, check=False)
+                try:
+                    os.kill(m.pid, 9)
+                except ProcessLookupError:
+                    pass

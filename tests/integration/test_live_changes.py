@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mount_helpers import Mount, run, wait_for
+from mount_helpers import Mount, MountFactory, run, wait_for
 
 pytestmark = [pytest.mark.ktarget, pytest.mark.fuse, pytest.mark.slow]
 
@@ -50,23 +50,10 @@ def hotplug(tmp_path):
 
 @pytest.fixture
 def live_mount(live_target, tmp_path):
-    made = []
-
-    def make(*extra):
-        mp, rd = tmp_path / f"m{len(made)}", tmp_path / f"r{len(made)}"
-        mp.mkdir()
-        rd.mkdir()
-        m = Mount(live_target, str(mp), str(rd), extra=("-k", "2", "-c", "1", *extra))
-        made.append(m)
-        return m
-    yield make
-    for m in made:
-        if os.path.ismount(m.path):
-            run("fusermount3", "-u", "-z", m.path, check=False)
-        try:
-            os.kill(m.pid, 9)
-        except ProcessLookupError:
-            pass
+    """Mounts with KATO 2 s and reconnect-delay 1 s; torn down without assuming they still work."""
+    factory = MountFactory(live_target, tmp_path, base_extra=("-k", "2", "-c", "1"))
+    yield factory
+    factory.close(clean=False)
 
 
 def size(path):

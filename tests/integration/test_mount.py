@@ -13,32 +13,17 @@ import sys
 
 import pytest
 
-from mount_helpers import REPO, Mount, run, wait_for
+from mount_helpers import REPO, MountFactory, run, wait_for
 
 pytestmark = [pytest.mark.fuse]
+
+
 @pytest.fixture
 def mount(kernel_target, tmp_path):
-    made = []
-
-    def make(extra=()):
-        mp = tmp_path / f"mnt{len(made)}"
-        rd = tmp_path / f"run{len(made)}"
-        mp.mkdir()
-        rd.mkdir()
-        m = Mount(kernel_target, str(mp), str(rd), extra)
-        made.append(m)
-        return m
-    yield make
-    for m in made:
-        try:
-            m.umount()
-        finally:
-            if os.path.ismount(m.path):
-                run("fusermount3", "-u", "-z", m.path, check=False)
-            try:
-                os.kill(m.pid, 9)
-            except ProcessLookupError:
-                pass
+    """mount(*extra_args) -> Mount; all unmounted (cleanly: umount must work) at teardown."""
+    factory = MountFactory(kernel_target, tmp_path)
+    yield lambda extra=(): factory(*extra)
+    factory.close()
 
 
 def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp_path):
