@@ -14,7 +14,8 @@ fast_io_fail_tmo, if set) do callers get `ControllerUnavailable`.
 Namespaces are re-identified after every (re)connect, on a Namespace Attribute Changed event (the
 Changed Namespace List log is read first: that re-arms nvmet's notices), and every
 `rescan_interval` seconds as a backstop; differences reach `on_namespace(kind, nsid, info)` with
-kind "add", "resize", "remove" (in that order per namespace).
+kind "remove", "add", "resize": every removal first (an identity change is a remove, then an add
+of the same NSID), then adds and resizes, each in NSID order (`diff_namespaces`).
 """
 
 from __future__ import annotations
