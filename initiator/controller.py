@@ -36,7 +36,7 @@ from ._init import ControllerInit, InitState
 from ._util import single_errors
 from ._spec import (
     ADMIN_QUEUE_IN_CAPSULE, CC_SHN_NORMAL, CSTS_SHST_COMPLETE, CSTS_SHST_MASK, AdminOpcode,
-    Cns, DSM_ATTR_DEALLOCATE, FeatureId, IoOpcode, LogPage, Property, RW_FUA, WZ_DEAC,
+    Cns, DSM_ATTR_DEALLOCATE, FeatureId, IoOpcode, LogPage, Property, WZ_DEAC,
 )
 from .transport import Queue
 
@@ -361,13 +361,11 @@ class Controller:
         return min((1 << mdts) * (4096 << mpsmin), TRANSPORT_MAX_TRANSFER)
 
     async def read(self, nsid: int, slba: int, nlb: int, buf, qidx: int = 0) -> None:
-        await self.io_queues[qidx].submit(IoOpcode.READ, nsid, slba & 0xFFFFFFFF, slba >> 32,
-                                          nlb - 1, read_buf=buf)
+        await self.io_queues[qidx].read(nsid, slba, nlb, buf)
 
     async def write(self, nsid: int, slba: int, nlb: int, data, qidx: int = 0, *,
                     fua: bool = False) -> None:
-        await self.io_queues[qidx].submit(IoOpcode.WRITE, nsid, slba & 0xFFFFFFFF, slba >> 32,
-                                          (nlb - 1) | (RW_FUA if fua else 0), data=data)
+        await self.io_queues[qidx].write(nsid, slba, nlb, data, fua=fua)
 
     async def flush(self, nsid: int, qidx: int = 0) -> None:
         await self.io_queues[qidx].submit(IoOpcode.FLUSH, nsid)

@@ -1,11 +1,20 @@
 """The trio shell around one NVMe/TCP queue: a socket, a reader task and a writer task.
 
 What it does: connects (with a timeout), runs the ICReq/ICResp exchange, then carries commands.
-`submit()` parks the calling task with trio's low-level `wait_task_rescheduled`; the reader task
-parses every buffered PDU per wake-up (`recv_into` a preallocated buffer, payloads streamed into
-their destinations) and wakes each waiter with `reschedule`; the writer task sends everything
-submitted during one scheduler tick with one `sendmsg`. These are the choices measured in
-docs/hot-path.md (batched reader and writer, low-level reschedule).
+These are the choices measured in docs/hot-path.md, with figures in docs/performance.md:
+
+- Submitting encodes the capsule into the CID's preallocated buffer and queues it; `read`,
+  `write` and `submit` then park the calling task with trio's low-level
+  `wait_task_rescheduled` (its message preallocated per CID), `read_nowait`/`write_nowait`
+  register a completion callback instead (no task per I/O).
+- The reader task receives with `recv_into` a preallocated buffer (or, for large payloads,
+  straight into the destination), takes every plain completion in one pass
+  (`HostQueue.completions`), the rest through `next_event()`, and wakes each waiter with
+  `reschedule` and one shared wake value, or runs its callback. While commands are outstanding
+  it polls (yields and retries) for `spin` seconds before sleeping in epoll; never when idle.
+- Output goes out with one `sendmsg` per batch, sent by the reader itself whenever it is running
+  or polling (what callbacks and tasks submitted since its last pass); the writer task sends
+  only while the reader sleeps, and waits for room when the socket is full.
 
 On a protocol violation by the target the shell sends an H2CTermReq and closes; on EOF, a socket
 error, a C2HTermReq or `aclose()`, every command in flight fails with ConnectionLost (the layer
@@ -18,19 +27,32 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import types
+from time import perf_counter
 
 import outcome
 import trio
 from trio.lowlevel import (
-    Abort, ParkingLot, current_task, reschedule, wait_readable, wait_task_rescheduled,
-    wait_writable,
+    Abort, ParkingLot, checkpoint, current_task, reschedule, wait_readable,
+    wait_task_rescheduled, wait_writable,
 )
 
 from ._errors import (
-    ConnectionLost, ConnectTimeout, DigestError, NvmeStatusError, RemoteProtocolError,
-    TransportError,
+    ConnectionLost, ConnectTimeout, DigestError, NvmeError, NvmeStatusError,
+    RemoteProtocolError, TransportError,
 )
+from ._spec import RW_FUA
 from ._tcp import COMPLETION, DIGEST_ERROR_STATUS, IC_DONE, SEND, TERM, HostQueue
+
+_OPC_READ = 0x02
+_OPC_WRITE = 0x01
+# Reader polling budget while commands are outstanding (see Queue.spin).
+SPIN_SECONDS = 50e-6
+# A payload rest smaller than this is received into the receive buffer with what follows it
+# (one recv) rather than straight into its destination (zero copy, one recv for it alone).
+_ZERO_COPY_MIN = 16384
+# The reader yields after this many receive batches in a row that woke no task.
+_YIELD_EVERY = 8
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +88,102 @@ async def open_socket(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
+try:
+    # trio's own trap message for wait_task_rescheduled (trio._core._traps, private). Yielding a
+    # preallocated one per CID skips an attrs object and two coroutine frames per I/O (0.6 of
+    # the 1.9 us a park/wake costs; docs/performance.md). Without it (another trio, a surprise
+    # at import), the public wait_task_rescheduled is used.
+    from trio._core._traps import WaitTaskRescheduled as _WTR
+    _WTR(lambda _rc: Abort.SUCCEEDED)
+except Exception:   # noqa: BLE001 - any surprise means: use the public API
+    _WTR = None
+
+
+def _parking(private: bool):
+    """-> (park, make_msg): `await park(make_msg(abort_fn))` is
+    `await wait_task_rescheduled(abort_fn)`, the message made once per CID."""
+    if private:
+        @types.coroutine
+        def park(msg):
+            return (yield msg).unwrap()
+        return park, _WTR
+
+    async def park_public(abort_fn):
+        return await wait_task_rescheduled(abort_fn)
+    return park_public, lambda abort_fn: abort_fn
+
+
+_park, _park_msg = _parking(_WTR is not None)
+
+
+class _Wake(outcome.Value):
+    """A reusable wake-up value: `unwrap()` without outcome's single-use check, so one shared
+    instance wakes every plain successful completion (no per-I/O allocation; docs/hot-path.md
+    item 3: +10%)."""
+
+    __slots__ = ()
+
+    def unwrap(self):
+        return self.value
+
+
+_WAKE_OK = _Wake(None)
+
+
 class Queue:
-    """One connected NVMe/TCP queue. Create with `await Queue.connect(...)`, then `start(nursery)`."""
+    """One connected NVMe/TCP queue. Create with `await Queue.connect(...)`, then `start(nursery)`.
+
+    Three ways to run a command:
+    - `submit(opc, ...)`: any command; waits and returns (dw0, dw1).
+    - `read(...)` / `write(...)`: the hot path for whole-buffer Read/Write; waits.
+    - `read_nowait(...)` / `write_nowait(...)`: the same without a task per I/O (SPDK-style):
+      `on_done(exc)` runs in the reader task when the command completes (`exc` None on success).
+      For callers with many I/Os and nobody waiting on each (benchmarks, readahead, batches).
+    """
 
     def __init__(self, sock: socket.socket, core: HostQueue, peer: str):
         self.sock = sock
         self.core = core
         self.qid = core.qid
         self.peer = peer
-        self._waiter: list = [None] * core.depth
-        self._opcode = [0] * core.depth
+        depth = core.depth
+        self._waiter: list = [None] * depth
+        self._callback: list = [None] * depth
+        self._aborts = [self._make_abort(c) for c in range(depth)]
+        self._parks = [_park_msg(a) for a in self._aborts]
+        self._opcode = [0] * depth
         self._sendq: list = []
+        self._done: list = []
+        self._ready: list = []
         self._writer_task = None
         self._writer_parked = False
+        self._writer_blocked = False
+        # True while the reader task runs or polls (it comes back within a scheduler pass and
+        # sends what is queued): submitters then need not wake the writer task.
+        self._reader_active = False
         self._slots = ParkingLot()
         self._closed: TransportError | None = None
         self._closed_event = trio.Event()
         self.commands = 0
         self.completions = 0
+        # Seconds the reader polls (yields and retries recv) before sleeping in epoll while
+        # commands are outstanding; never when idle (docs/hot-path.md item 6).
+        self.spin = SPIN_SECONDS
         # Coarse command ages for timeout detection: the controller's checker bumps `epoch`
         # every tick; submit records it (an int store, no clock read on the hot path).
         self.epoch = 0
-        self.submit_epoch = [0] * core.depth
-        self.aborted = [False] * core.depth
+        self.submit_epoch = [0] * depth
+        self.aborted = [False] * depth
+
+    def _make_abort(self, cid: int):
+        waiter = self._waiter
+
+        def abort(_raise_cancel):
+            # The command stays in flight at the target: keep the CID, drop the waiter.
+            waiter[cid] = None
+            return Abort.SUCCEEDED
+        return abort
+
 
     # -- set-up -----------------------------------------------------------------------------
     @classmethod
@@ -167,6 +262,34 @@ class Queue:
     def closed(self) -> TransportError | None:
         return self._closed
 
+    async def _wait_cid(self) -> int:
+        """Every CID is busy: wait for one (woken as completions free them)."""
+        while True:
+            await self._slots.park()
+            if self._closed is not None:
+                raise self._closed
+            cid = self.core.alloc_cid()
+            if cid >= 0:
+                return cid
+
+    def _error(self, ev, opc: int) -> NvmeError | None:
+        """The error a non-plain completion event stands for, or None (success)."""
+        status = ev[2]
+        if not status:
+            return None
+        if status == DIGEST_ERROR_STATUS:
+            return DigestError(f"data digest mismatch on queue {self.qid} (opcode 0x{opc:02x})")
+        return NvmeStatusError.from_status_field(status, opcode=opc, cid=ev[1])
+
+    def _sent(self, cid: int, opc: int) -> None:
+        self._opcode[cid] = opc
+        self.submit_epoch[cid] = self.epoch
+        self.aborted[cid] = False
+        self.commands += 1
+        if self._writer_parked and not self._reader_active:
+            self._writer_parked = False
+            reschedule(self._writer_task)
+
     async def submit(self, opc: int, nsid: int = 0, cdw10: int = 0, cdw11: int = 0,
                      cdw12: int = 0, cdw13: int = 0, cdw14: int = 0, cdw15: int = 0, *,
                      data=None, read_buf=None, fabrics_raw=None) -> tuple:
@@ -180,39 +303,141 @@ class Queue:
         if self._closed is not None:
             raise self._closed
         cid = core.alloc_cid()
-        while cid < 0:
-            await self._slots.park()
-            if self._closed is not None:
-                raise self._closed
-            cid = core.alloc_cid()
-        bufs = core.command(cid, opc, nsid, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15,
-                            data=data, read_buf=read_buf, fabrics_raw=fabrics_raw)
-        self._opcode[cid] = opc
+        if cid < 0:
+            cid = await self._wait_cid()
+        try:
+            bufs = core.command(cid, opc, nsid, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15,
+                                data=data, read_buf=read_buf, fabrics_raw=fabrics_raw)
+        except BaseException:
+            core.release_cid(cid)
+            raise
+        self._sendq.extend(bufs)
+        self._sent(cid, opc)
+        self._waiter[cid] = current_task()
+        ev = await _park(self._parks[cid])
+        if ev is None:
+            return 0, 0
+        err = self._error(ev, opc)
+        if err is not None:
+            raise err
+        return ev[3], ev[4]
+
+    async def read(self, nsid: int, slba: int, nlb: int, buf) -> None:
+        """Read `nlb` blocks at `slba` into `buf` (exactly their size) and wait. Hot path: the
+        same command and errors as `submit(READ, ...)`, with fewer steps per I/O."""
+        core = self.core
+        if self._closed is not None:
+            raise self._closed
+        cid = core.alloc_cid()
+        if cid < 0:
+            cid = await self._wait_cid()
+        try:
+            core.read_cmd(cid, nsid, slba, nlb - 1, buf, self._sendq)
+        except BaseException:
+            core.release_cid(cid)
+            raise
+        self._opcode[cid] = _OPC_READ
         self.submit_epoch[cid] = self.epoch
         self.aborted[cid] = False
         self.commands += 1
-        sendq = self._sendq
-        sendq.extend(bufs)
-        if self._writer_parked:
+        if self._writer_parked and not self._reader_active:
             self._writer_parked = False
             reschedule(self._writer_task)
         self._waiter[cid] = current_task()
-        waiter = self._waiter
+        ev = await _park(self._parks[cid])
+        if ev is not None:
+            err = self._error(ev, _OPC_READ)
+            if err is not None:
+                raise err
 
-        def abort(_raise_cancel):
-            # The command stays in flight at the target: keep the CID, drop the waiter.
-            waiter[cid] = None
-            return Abort.SUCCEEDED
+    async def write(self, nsid: int, slba: int, nlb: int, data, *, fua: bool = False) -> None:
+        """Write `data` (exactly `nlb` blocks) at `slba` and wait (hot path, as `read`)."""
+        core = self.core
+        if self._closed is not None:
+            raise self._closed
+        cid = core.alloc_cid()
+        if cid < 0:
+            cid = await self._wait_cid()
+        try:
+            core.write_cmd(cid, nsid, slba, (nlb - 1) | (RW_FUA if fua else 0), data,
+                           self._sendq)
+        except BaseException:
+            core.release_cid(cid)
+            raise
+        self._sent(cid, _OPC_WRITE)
+        self._waiter[cid] = current_task()
+        ev = await _park(self._parks[cid])
+        if ev is not None:
+            err = self._error(ev, _OPC_WRITE)
+            if err is not None:
+                raise err
 
-        ev = await wait_task_rescheduled(abort)
-        status = ev[2]
-        if status:
-            if status == DIGEST_ERROR_STATUS:
-                raise DigestError(f"data digest mismatch on queue {self.qid} (opcode 0x{opc:02x})")
-            raise NvmeStatusError.from_status_field(status, opcode=opc, cid=cid)
-        return ev[3], ev[4]
+    def read_nowait(self, nsid: int, slba: int, nlb: int, buf, on_done) -> None:
+        """Start a read without waiting; `on_done(exc)` runs in the reader task on completion
+        (`exc` None, or the NvmeError / TransportError `read` would raise). It must not block
+        and should not raise. Raises trio.WouldBlock when every CID is busy, the queue's error
+        when it is closed. A command that never completes is failed by the controller's
+        timeout handling (abort, then reset) like any other."""
+        core = self.core
+        if self._closed is not None:
+            raise self._closed
+        cid = core.alloc_cid()
+        if cid < 0:
+            raise trio.WouldBlock
+        try:
+            core.read_cmd(cid, nsid, slba, nlb - 1, buf, self._sendq)
+        except BaseException:
+            core.release_cid(cid)
+            raise
+        self._callback[cid] = on_done
+        self._sent(cid, _OPC_READ)
+
+    def write_nowait(self, nsid: int, slba: int, nlb: int, data, on_done, *,
+                     fua: bool = False) -> None:
+        """Start a write without waiting (see `read_nowait`)."""
+        core = self.core
+        if self._closed is not None:
+            raise self._closed
+        cid = core.alloc_cid()
+        if cid < 0:
+            raise trio.WouldBlock
+        try:
+            core.write_cmd(cid, nsid, slba, (nlb - 1) | (RW_FUA if fua else 0), data,
+                           self._sendq)
+        except BaseException:
+            core.release_cid(cid)
+            raise
+        self._callback[cid] = on_done
+        self._sent(cid, _OPC_WRITE)
 
     # -- tasks ------------------------------------------------------------------------------
+    def _flush(self) -> bool:
+        """Send as much queued output as the socket takes, with one sendmsg per _IOV_MAX
+        buffers; True when all of it went. Everything queued is bytes-like with 1-byte items
+        (len() is its size). Raises OSError for a dead socket."""
+        bufs = self._sendq
+        sendmsg = self.sock.sendmsg
+        while bufs:
+            whole = len(bufs) <= _IOV_MAX
+            try:
+                n = sendmsg(bufs if whole else bufs[:_IOV_MAX])
+            except BlockingIOError:
+                return False
+            if whole and n == sum(map(len, bufs)):
+                bufs.clear()
+                return True
+            i = 0
+            while n:
+                lb = len(bufs[i])
+                if n >= lb:
+                    n -= lb
+                    i += 1
+                else:
+                    bufs[i] = memoryview(bufs[i])[n:]
+                    n = 0
+            del bufs[:i]
+        return True
+
     async def _writer(self) -> None:
         self._writer_task = current_task()
         sock = self.sock
@@ -222,25 +447,12 @@ class Queue:
                     self._writer_parked = True
                     await wait_task_rescheduled(self._writer_abort)
                     continue
-                bufs = self._sendq
-                self._sendq = []
-                while bufs:
+                if not self._flush():
+                    self._writer_blocked = True
                     try:
-                        n = sock.sendmsg(bufs[:_IOV_MAX])
-                    except BlockingIOError:
                         await wait_writable(sock)
-                        continue
-                    if n == sum(len(b) for b in bufs[:_IOV_MAX]) and len(bufs) <= _IOV_MAX:
-                        break
-                    while n:
-                        b = bufs[0]
-                        lb = len(b)
-                        if n >= lb:
-                            n -= lb
-                            bufs.pop(0)
-                        else:
-                            bufs[0] = memoryview(b).cast("B")[n:]
-                            n = 0
+                    finally:
+                        self._writer_blocked = False
         except OSError as e:
             self._die(ConnectionLost(f"{self.peer}: send failed: {e.strerror or e}"))
         except trio.ClosedResourceError:
@@ -254,50 +466,60 @@ class Queue:
         sock = self.sock
         core = self.core
         rx = core.rx
-        waiter = self._waiter
+        recv_into = sock.recv_into
+        sendq = self._sendq
+        spin_end = 0.0
+        unyielded = 0
+        self._reader_active = True
         try:
             while True:
+                if sendq and not self._writer_blocked:
+                    # What tasks submitted since the last pass: one sendmsg, no writer task.
+                    self._send_or_hand_over()
                 sink = rx.payload_sink()
                 try:
-                    if sink is not None:
-                        n = sock.recv_into(sink)
+                    if sink is None or len(sink) < _ZERO_COPY_MIN:
+                        # A small rest of a payload comes with whatever follows it in one recv.
+                        n = recv_into(rx.buffer())
+                        rx.received(n)
+                    else:
+                        n = recv_into(sink)
                         if n:
                             rx.received_into_sink(n)
-                    else:
-                        n = sock.recv_into(core.buffer())
-                        core.received(n)
                 except BlockingIOError:
-                    await wait_readable(sock)
+                    if core.outstanding and self.spin:
+                        # Poll while commands are outstanding (SPDK style): on these VMs an
+                        # epoll sleep costs 15-20 us of wake-up latency (docs/hot-path.md 6).
+                        now = perf_counter()
+                        if not spin_end:
+                            spin_end = now + self.spin
+                        if now < spin_end:
+                            unyielded = 0
+                            await checkpoint()
+                            continue
+                    spin_end = 0.0
+                    unyielded = 0
+                    if sendq and not self._writer_blocked:
+                        self._send_or_hand_over()
+                    self._reader_active = False
+                    try:
+                        await wait_readable(sock)
+                    finally:
+                        self._reader_active = True
                     continue
+                spin_end = 0.0
                 if n == 0:
                     self._die(ConnectionLost(f"{self.peer}: connection closed by the target"))
                     return
-                woke = False
-                while True:
-                    ev = core.next_event()
-                    if ev is None:
-                        break
-                    kind = ev[0]
-                    if kind == COMPLETION:
-                        self.completions += 1
-                        task = waiter[ev[1]]
-                        if task is not None:
-                            waiter[ev[1]] = None
-                            reschedule(task, outcome.Value(ev))
-                            woke = True
-                        if self._slots:
-                            self._slots.unpark()
-                    elif kind == SEND:
-                        self._sendq.extend(ev[1])
-                        if self._writer_parked:
-                            self._writer_parked = False
-                            reschedule(self._writer_task)
-                    elif kind == TERM:
-                        self._die(ConnectionLost(
-                            f"{self.peer}: target sent C2HTermReq (FES 0x{ev[1]:x}, FEI {ev[2]})"))
-                        return
-                if woke:
-                    await trio.lowlevel.checkpoint()
+                woke = self._dispatch()
+                if woke < 0:
+                    return
+                unyielded += 1
+                if woke or unyielded >= _YIELD_EVERY:
+                    # Let the woken tasks run (and submit) before the next recv; never hold the
+                    # thread for long while data keeps coming (callbacks wake no task).
+                    unyielded = 0
+                    await checkpoint()
         except RemoteProtocolError as e:
             log.error("queue %d: protocol violation by the target: %s", self.qid, e)
             try:
@@ -309,6 +531,86 @@ class Queue:
             self._die(ConnectionLost(f"{self.peer}: {e.strerror or e}"))
         except trio.ClosedResourceError:
             self._die(ConnectionLost(f"{self.peer}: queue closed"))
+        finally:
+            self._reader_active = False
+            if self._sendq and self._writer_parked:
+                self._writer_parked = False
+                reschedule(self._writer_task)
+
+    def _send_or_hand_over(self) -> None:
+        """Send what is queued now; if the socket is full, the writer task waits for room."""
+        if not self._flush() and self._writer_parked:
+            self._writer_parked = False
+            reschedule(self._writer_task)
+
+    def _dispatch(self) -> int:
+        """Hand out every complete PDU buffered: wake waiters, run callbacks, queue H2CData.
+        Returns how many tasks were woken, or -1 when the target terminated the connection.
+        Raises RemoteProtocolError (fatal) and, from callbacks, whatever they raise."""
+        core = self.core
+        done = self._done
+        waiter = self._waiter
+        callback = self._callback
+        ready = self._ready
+        woke = 0
+        freed = 0
+        try:
+            while True:
+                if core.completions(done):
+                    for cid in done:
+                        task = waiter[cid]
+                        if task is not None:
+                            waiter[cid] = None
+                            reschedule(task, _WAKE_OK)
+                            woke += 1
+                        else:
+                            cb = callback[cid]
+                            if cb is not None:
+                                callback[cid] = None
+                                ready.append(cb)
+                    freed += len(done)
+                    done.clear()
+                    if ready:
+                        # Callbacks run once the whole batch is taken off its CIDs: a callback
+                        # that submits may reuse a CID freed later in the same batch.
+                        for cb in ready:
+                            cb(None)
+                        ready.clear()
+                ev = core.next_event()
+                if ev is None:
+                    break
+                kind = ev[0]
+                if kind == COMPLETION:
+                    freed += 1
+                    cid = ev[1]
+                    task = waiter[cid]
+                    if task is not None:
+                        waiter[cid] = None
+                        reschedule(task, outcome.Value(ev))
+                        woke += 1
+                    else:
+                        cb = callback[cid]
+                        if cb is not None:
+                            callback[cid] = None
+                            cb(self._error(ev, self._opcode[cid]))
+                elif kind == SEND:
+                    self._sendq.extend(ev[1])
+                elif kind == TERM:
+                    self._die(ConnectionLost(
+                        f"{self.peer}: target sent C2HTermReq (FES 0x{ev[1]:x}, FEI {ev[2]})"))
+                    return -1
+        finally:
+            done.clear()
+            ready.clear()
+        if freed:
+            self.completions += freed
+            if self._slots:
+                self._slots.unpark(count=freed)
+        if self._sendq and not self._writer_blocked and self._closed is None:
+            # Commands submitted by callbacks (and H2CData for R2Ts) go out now, from here;
+            # the writer task only takes over when the socket is full.
+            self._send_or_hand_over()
+        return woke
 
     async def _send_term_req(self, e: RemoteProtocolError) -> None:
         try:
@@ -317,15 +619,22 @@ class Queue:
             pass
 
     def _die(self, exc: TransportError) -> None:
-        """Mark the queue dead and fail every waiter with `exc` (idempotent)."""
+        """Mark the queue dead and fail every waiter and callback with `exc` (idempotent)."""
         if self._closed is not None:
             return
         self._closed = exc
+        failed = []
         for cid in self.core.fail_all():
             task = self._waiter[cid]
             if task is not None:
                 self._waiter[cid] = None
                 reschedule(task, outcome.Error(exc))
+            else:
+                cb = self._callback[cid]
+                if cb is not None:
+                    self._callback[cid] = None
+                    failed.append(cb)
+        self._sendq.clear()
         self._slots.unpark_all()
         if self._writer_parked:
             self._writer_parked = False
@@ -336,6 +645,8 @@ class Queue:
             pass
         self.sock.close()
         self._closed_event.set()
+        for cb in failed:
+            cb(exc)
 
     def close(self, reason: str = "queue closed") -> None:
         self._die(ConnectionLost(f"{self.peer}: {reason}"))

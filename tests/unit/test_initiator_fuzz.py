@@ -6,6 +6,9 @@
   anything but the typed errors (RemoteProtocolError, whose FES/FEI feed a well-formed
   H2CTermReq; LocalProtocolError only once the receiver is in ERROR), and after a
   RemoteProtocolError the receiver stays in ERROR whatever arrives next.
+- The hot path (`HostQueue.completions()` before each `next_event()`, as the trio shell drains)
+  gives exactly the events, errors and read data of `next_event()` alone, for valid, mutated and
+  plausible streams cut anywhere.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ def norm(ev):
     return (ev[0], [bytes(b) for b in ev[1]]) if ev[0] == 1 else ev
 
 
-def run(q: HostQueue, stream: bytes, cuts: list[int], recv_into: bool):
-    """Feed `stream` cut at `cuts`; -> (events, error or None)."""
+def run(q: HostQueue, stream: bytes, cuts: list[int], recv_into: bool, fast: bool = False):
+    """Feed `stream` cut at `cuts`; -> (events, error or None). `fast`: drain the way the shell
+    does, plain completions through `completions()` first."""
     events: list = []
+    done: list = []
     bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
     try:
         for lo, hi in zip(bounds, bounds[1:]):
@@ -87,7 +92,13 @@ def run(q: HostQueue, stream: bytes, cuts: list[int], recv_into: bool):
                     n = hi - pos
                     q.receive_data(stream[pos:hi])
                 pos += n
-                while (ev := q.next_event()) is not None:
+                while True:
+                    if fast and q.completions(done):
+                        events.extend((COMPLETION, cid, 0, 0, 0) for cid in done)
+                        done.clear()
+                    ev = q.next_event()
+                    if ev is None:
+                        break
                     events.append(norm(ev))
     except (RemoteProtocolError, LocalProtocolError) as e:
         return events, e
@@ -285,3 +296,49 @@ def test_plausible_pdu_streams(digests, data, cuts, recv_into):
     done = [e[1] for e in events if e[0] == COMPLETION]
     assert len(done) == len(set(done)) and set(done) <= {READ_A, READ_B, WRITE, FLUSH, SMALL_WRITE}
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The hot path against the general one: same events, same errors, same data.
+
+def _differential(hd: bool, dd: bool, stream: bytes, cuts: list[int], recv_into: bool) -> None:
+    q0, bufs0 = busy_queue(hd, dd)
+    expect, err0 = run(q0, stream, cuts, recv_into)
+    q1, bufs1 = busy_queue(hd, dd)
+    got, err1 = run(q1, stream, cuts, recv_into, fast=True)
+    assert got == expect
+    assert type(err1) is type(err0)
+    if isinstance(err0, RemoteProtocolError):
+        assert (err1.fes, err1.fei, err1.header) == (err0.fes, err0.fei, err0.header)
+    assert bufs1 == bufs0
+    assert q1.outstanding == q0.outstanding and q1.active_cids() == q0.active_cids()
+
+
+@FUZZ
+@given(digests=DIGESTS, muts=st.lists(MUTATION, max_size=4),
+       cuts=st.lists(st.integers(0, 20000), max_size=10), recv_into=st.booleans())
+def test_fast_path_equivalent_on_mutated_streams(digests, muts, cuts, recv_into):
+    hd, dd = digests
+    _differential(hd, dd, mutate(valid_pdus(hd, dd), muts), cuts, recv_into)
+
+
+@FUZZ
+@given(digests=DIGESTS, which=st.integers(0, 9), mut=header_mutation(),
+       cuts=st.lists(st.integers(0, 20000), max_size=6), recv_into=st.booleans())
+def test_fast_path_equivalent_with_one_header_byte_changed(digests, which, mut, cuts, recv_into):
+    hd, dd = digests
+    pdus = valid_pdus(hd, dd)
+    kind, pos, val, _ = mut
+    p = bytearray(pdus[which])
+    p[pos] = (p[pos] ^ (val or 1)) if kind == "flip" else val
+    pdus[which] = bytes(p)
+    _differential(hd, dd, b"".join(pdus), cuts, recv_into)
+
+
+@FUZZ
+@given(digests=DIGESTS, data=st.data(), cuts=st.lists(st.integers(0, 20000), max_size=10),
+       recv_into=st.booleans())
+def test_fast_path_equivalent_on_plausible_streams(digests, data, cuts, recv_into):
+    hd, dd = digests
+    pdus = data.draw(st.lists(plausible_pdu(hd, dd), min_size=1, max_size=12))
+    _differential(hd, dd, b"".join(pdus), cuts, recv_into)

@@ -15,6 +15,7 @@ from helpers.nvme_tcp_wire import COMPLETION, SEND, connected, crc32c_ref, dgst,
 from initiator import _fabrics as fab
 from initiator import _pdu as pdu
 from initiator._spec import AdminOpcode, FabricsType, IoOpcode, PduType, Property
+from initiator._errors import LocalProtocolError
 from initiator._tcp import HostQueue
 
 
@@ -145,6 +146,84 @@ def test_capsule_cmd_read_72_bytes():
     bufs = q.command(cid, IoOpcode.READ, 1, cdw10=0x1234, cdw12=7,
                      read_buf=memoryview(bytearray(4096)))
     assert [bytes(b) for b in bufs] == [h("04 00 48 00 48000000") + READ_SQE]
+
+
+def test_hot_path_read_capsule_golden_bytes():
+    q = connected()
+    out: list = []
+    buf = bytearray(4096)
+    q.read_cmd(q.alloc_cid(), 1, 0x1234, 7, buf, out)
+    assert [bytes(b) for b in out] == [h("04 00 48 00 48000000") + READ_SQE]
+    assert q.outstanding == 1 and q.active_cids() == [0]
+
+
+@pytest.mark.parametrize("slba,cdw12", [(0, 0), (0x1234, 7), ((1 << 64) - 8, 0xFFFF),
+                                         (0x89ABCDEF01234567, (1 << 30) | 3)])
+@pytest.mark.parametrize("size", [512, 4096, 1 << 20])
+def test_hot_path_read_is_the_general_read(slba, cdw12, size):
+    a, b = connected(depth=4), connected(depth=4)
+    ca, cb = a.alloc_cid(), b.alloc_cid()
+    out: list = []
+    a.read_cmd(ca, 7, slba, cdw12, memoryview(bytearray(size)), out)
+    ref = b.command(cb, IoOpcode.READ, 7, slba & 0xFFFFFFFF, slba >> 32, cdw12,
+                    read_buf=memoryview(bytearray(size)))
+    assert [bytes(x) for x in out] == [bytes(x) for x in ref]
+
+
+@pytest.mark.parametrize("size,cpda,in_capsule_max", [(512, 0, 8192), (4096, 0, 8192),
+                                                      (8192, 0, 8192), (8704, 0, 8192),
+                                                      (4096, 3, 8192), (65536, 0, 16384)])
+def test_hot_path_write_is_the_general_write(size, cpda, in_capsule_max):
+    a = connected(cpda=cpda, in_capsule_max=in_capsule_max)
+    b = connected(cpda=cpda, in_capsule_max=in_capsule_max)
+    data = bytes(range(256)) * (size // 256)
+    out: list = []
+    a.write_cmd(a.alloc_cid(), 1, 0x42, (size // 512 - 1) | (1 << 30), data, out)
+    ref = b.command(b.alloc_cid(), IoOpcode.WRITE, 1, 0x42, 0, (size // 512 - 1) | (1 << 30),
+                    data=data)
+    assert [bytes(x) for x in out] == [bytes(x) for x in ref]
+    assert len(out) == (2 if size <= in_capsule_max else 1)
+
+
+@pytest.mark.parametrize("hd,dd", [(True, False), (False, True), (True, True)])
+def test_hot_path_commands_with_digests_are_the_general_ones(hd, dd):
+    a, b = connected(hdgst=hd, ddgst=dd), connected(hdgst=hd, ddgst=dd)
+    out: list = []
+    a.read_cmd(a.alloc_cid(), 1, 9, 7, bytearray(4096), out)
+    a.write_cmd(a.alloc_cid(), 1, 9, 7, bytes(4096), out)
+    ref = b.command(b.alloc_cid(), IoOpcode.READ, 1, 9, 0, 7, read_buf=bytearray(4096))
+    ref += b.command(b.alloc_cid(), IoOpcode.WRITE, 1, 9, 0, 7, data=bytes(4096))
+    assert [bytes(x) for x in out] == [bytes(x) for x in ref]
+
+
+def test_hot_path_refuses_a_cid_in_flight():
+    q = connected()
+    cid = q.alloc_cid()
+    out: list = []
+    q.read_cmd(cid, 1, 0, 0, bytearray(512), out)
+    with pytest.raises(LocalProtocolError):
+        q.read_cmd(cid, 1, 0, 0, bytearray(512), out)
+    with pytest.raises(LocalProtocolError):
+        q.write_cmd(cid, 1, 0, 0, bytes(512), out)
+    assert len(out) == 1
+
+
+def test_hot_path_read_into_a_non_byte_view_lands_in_the_buffer():
+    import array
+    q = connected()
+    dest = array.array("I", [0] * 128)                  # 512 bytes, 4-byte items
+    out: list = []
+    cid = q.alloc_cid()
+    q.read_cmd(cid, 1, 0, 0, memoryview(dest), out)
+    q.receive_data(bytes(c2h_pdu(cid, bytes(range(256)) * 2)))
+    done: list = []
+    assert q.completions(done) == 1 and done == [cid]
+    assert dest.tobytes() == bytes(range(256)) * 2
+
+
+def c2h_pdu(cid: int, data: bytes) -> bytes:
+    from helpers.nvme_tcp_wire import c2h
+    return c2h(cid, 0, data, success=True)
 
 
 def test_capsule_cmd_with_64bit_fields_and_high_dwords():

@@ -1,0 +1,276 @@
+"""The trio shell of one queue (`initiator.transport.Queue`) against a scripted peer on a
+socketpair: hand-built target PDUs (tests/helpers/nvme_tcp_wire.py), no target code.
+
+- `read`/`write` (the hot path) and `submit` carry the right capsules and return or raise as
+  the completion says; a cancelled `read` keeps its CID until the target answers.
+- `read_nowait` callbacks: each runs once, with its own data, even when the callbacks of one
+  receive batch submit again and reuse CIDs freed later in that batch; a lost connection fails
+  callbacks and waiters alike.
+- Output submitted by tasks or callbacks reaches the peer whether the reader is polling or
+  asleep; the reader polls only while commands are outstanding, never when idle.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from helpers.nvme_tcp_wire import c2h, icresp, resp, status
+from initiator._errors import ConnectionLost, NvmeStatusError
+from initiator._tcp import IC_DONE, HostQueue
+from initiator.transport import Queue
+
+SQE = struct.Struct("<BBBBIBBHI24xI3xBQI12x")   # as the spec lays out a Read/Write capsule
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+class Peer:
+    """The target side: reads capsules, answers with raw PDUs."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.buf = bytearray()
+
+    async def capsules(self, n: int) -> list[tuple]:
+        """The next `n` capsules -> (opcode, cid, nsid, sgl length, slba, cdw12, data)."""
+        out = []
+        while len(out) < n:
+            while len(self.buf) < 8:
+                self.buf += await self.sock.recv(65536)
+            plen = struct.unpack_from("<I", self.buf, 4)[0]
+            while len(self.buf) < plen:
+                self.buf += await self.sock.recv(65536)
+            f = SQE.unpack_from(self.buf, 0)
+            assert f[0] == 4 and f[2] == 72
+            out.append((f[5], f[7], f[8], f[9], f[11], f[12], bytes(self.buf[72:plen])))
+            del self.buf[:plen]
+        return out
+
+    async def send(self, *pdus: bytes) -> None:
+        data = memoryview(b"".join(pdus))
+        while data:
+            data = data[await self.sock.send(data):]
+
+
+@pytest.fixture
+async def pair(nursery):
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    core = HostQueue(1, 8)
+    core.receive_data(icresp())
+    assert core.next_event()[0] == IC_DONE
+    q = Queue(a, core, "peer")
+    q.start(nursery)
+    yield q, Peer(b)
+    q.close()
+    b.close()
+
+
+async def test_read_returns_the_data(pair):
+    q, peer = pair
+    buf = bytearray(4096)
+    async with trio.open_nursery() as n:
+        n.start_soon(q.read, 3, 0x1_0000_0010, 8, buf)
+        [(opc, cid, nsid, length, slba, cdw12, _)] = await peer.capsules(1)
+        assert (opc, nsid, length, slba, cdw12) == (2, 3, 4096, 0x1_0000_0010, 7)
+        await peer.send(c2h(cid, 0, pattern(4096, 1), success=True))
+    assert buf == pattern(4096, 1)
+    assert q.core.outstanding == 0 and q.completions == 1
+
+
+async def test_read_with_data_then_capsule_resp(pair):
+    q, peer = pair
+    buf = bytearray(1024)
+    async with trio.open_nursery() as n:
+        n.start_soon(q.read, 1, 0, 2, buf)
+        [(_, cid, *_rest)] = await peer.capsules(1)
+        await peer.send(c2h(cid, 0, pattern(512, 2), last=False),
+                        c2h(cid, 512, pattern(512, 3)), resp(cid))
+    assert buf == pattern(512, 2) + pattern(512, 3)
+
+
+async def test_read_error_status_raises(pair):
+    q, peer = pair
+
+    async def answer():
+        [(_, cid, *_rest)] = await peer.capsules(1)
+        await peer.send(resp(cid, status(0, 0x80, dnr=True)))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(answer)
+        with pytest.raises(NvmeStatusError) as ei:
+            await q.read(1, 10**9, 1, bytearray(512))
+    assert (ei.value.sct, ei.value.sc, ei.value.dnr) == (0, 0x80, True)
+
+
+async def test_write_in_capsule_and_submit(pair):
+    q, peer = pair
+
+    async def answer():
+        caps = await peer.capsules(2)
+        by_opc = {c[0]: c for c in caps}
+        assert by_opc[1][6] == pattern(4096, 4) and by_opc[1][5] == 7 | (1 << 30)
+        await peer.send(*(resp(c[1], dw0=5 if c[0] == 0 else 0) for c in caps))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(answer)
+        n.start_soon(lambda: q.write(1, 100, 8, pattern(4096, 4), fua=True))
+        assert await q.submit(0x00, 1) == (5, 0)          # Flush
+
+
+async def test_cancelled_read_keeps_its_cid_until_the_answer(pair):
+    q, peer = pair
+    with trio.move_on_after(0.05):
+        await q.read(1, 0, 1, bytearray(512))
+    [(_, cid, *_rest)] = await peer.capsules(1)
+    assert q.core.active_cids() == [cid]
+    other = bytearray(512)
+    async with trio.open_nursery() as n:
+        n.start_soon(q.read, 1, 1, 1, other)
+        [(_, cid2, *_rest)] = await peer.capsules(1)
+        assert cid2 != cid
+        await peer.send(c2h(cid, 0, pattern(512, 5), success=True),
+                        c2h(cid2, 0, pattern(512, 6), success=True))
+    assert other == pattern(512, 6)
+    assert q.core.outstanding == 0
+
+
+async def test_callbacks_that_resubmit_reuse_cids_of_the_same_batch(pair):
+    """Eight reads complete in one receive batch; each callback starts another read, which
+    takes a CID freed by the same batch. Every callback must still run once, for its read."""
+    q, peer = pair
+    got: dict[int, list] = {}
+    bufs: dict[int, bytearray] = {}
+
+    def start(slba: int) -> None:
+        bufs[slba] = buf = bytearray(512)
+
+        def done(exc, slba=slba, buf=buf):
+            got.setdefault(slba, []).append(exc)
+            assert buf == pattern(512, slba)
+            if slba < 8:
+                start(slba + 8)
+        q.read_nowait(1, slba, 1, buf, done)
+
+    for i in range(8):
+        start(i)
+    for _round in range(2):
+        caps = await peer.capsules(8)
+        await peer.send(*(c2h(c[1], 0, pattern(512, c[4]), success=True) for c in caps))
+    with trio.fail_after(5):
+        while len(got) < 16:
+            await trio.sleep(0.001)
+    assert got == {i: [None] for i in range(16)}
+    assert q.core.outstanding == 0
+
+
+async def test_callback_gets_the_status_error(pair):
+    q, peer = pair
+    got = []
+    q.read_nowait(1, 0, 1, bytearray(512), got.append)
+    [(_, cid, *_rest)] = await peer.capsules(1)
+    await peer.send(resp(cid, status(0, 0x02)))
+    with trio.fail_after(5):
+        while not got:
+            await trio.sleep(0.001)
+    assert isinstance(got[0], NvmeStatusError) and got[0].sc == 0x02
+
+
+async def test_read_nowait_without_a_free_cid_would_block(pair):
+    q, peer = pair
+    for i in range(8):
+        q.read_nowait(1, i, 1, bytearray(512), lambda exc: None)
+    with pytest.raises(trio.WouldBlock):
+        q.read_nowait(1, 9, 1, bytearray(512), lambda exc: None)
+    await peer.capsules(8)
+
+
+async def test_connection_loss_fails_waiters_and_callbacks(pair):
+    q, peer = pair
+    got = []
+    q.read_nowait(1, 0, 1, bytearray(512), got.append)
+
+    async def lose():
+        await peer.capsules(2)
+        peer.sock.close()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(lose)
+        with pytest.raises(ConnectionLost):
+            await q.read(1, 1, 1, bytearray(512))
+    assert len(got) == 1 and isinstance(got[0], ConnectionLost)
+    with pytest.raises(ConnectionLost):
+        q.read_nowait(1, 0, 1, bytearray(512), got.append)
+
+
+async def test_reader_sleeps_when_idle_and_after_polling_briefly(pair):
+    q, peer = pair
+    buf = bytearray(512)
+    async with trio.open_nursery() as n:
+        n.start_soon(q.read, 1, 0, 1, buf)
+        [(_, cid, *_rest)] = await peer.capsules(1)
+        # A command is outstanding and the peer is silent: the reader polls for `spin`
+        # seconds, then sleeps in epoll like every other task.
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked(cushion=10 * q.spin)
+        await peer.send(c2h(cid, 0, pattern(512, 7), success=True))
+    assert buf == pattern(512, 7)
+    # Idle: nothing outstanding, nothing to poll for.
+    with trio.fail_after(5):
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_many_commands_from_tasks_all_reach_the_peer(pair):
+    q, peer = pair
+    results: dict[int, bytearray] = {}
+
+    async def one(i):
+        results[i] = b = bytearray(512)
+        await q.read(1, i, 1, b)
+
+    async def answer():
+        served = 0
+        while served < 40:
+            caps = await peer.capsules(1)
+            await peer.send(*(c2h(c[1], 0, pattern(512, c[4] & 0xFF), success=True)
+                              for c in caps))
+            served += len(caps)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(answer)
+        for i in range(40):                # more than the 8 CIDs: some wait for a free one
+            n.start_soon(one, i)
+    assert all(results[i] == pattern(512, i) for i in range(40))
+
+
+async def test_public_trio_parking_works_too(monkeypatch, nursery):
+    """Without trio's private trap message the queue parks with wait_task_rescheduled."""
+    import initiator.transport as transport
+    park, make = transport._parking(False)
+    monkeypatch.setattr(transport, "_park", park)
+    monkeypatch.setattr(transport, "_park_msg", make)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    core = HostQueue(1, 4)
+    core.receive_data(icresp())
+    core.next_event()
+    q = Queue(a, core, "peer")
+    q.start(nursery)
+    peer = Peer(b)
+    buf = bytearray(512)
+    with trio.move_on_after(0.05):
+        await q.read(1, 0, 1, buf)                       # cancelled: the CID stays reserved
+    async with trio.open_nursery() as n:
+        n.start_soon(q.read, 1, 1, 1, buf)
+        caps = await peer.capsules(2)
+        await peer.send(*(c2h(c[1], 0, pattern(512, c[4]), success=True) for c in caps))
+    assert buf == pattern(512, 1) and core.outstanding == 0
+    q.close()
+    b.close()
