@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qd", type=o._positive_int(1, 4096), default=32, help="queue depth (default 32)")
     p.add_argument("--time", type=float, default=10.0, help="seconds to run (default 10)")
     p.add_argument("-N", "--namespace-id", type=o._positive_int(1, 0xFFFFFFFE), default=1)
+    p.add_argument("--mode", choices=["callback", "task"], default="callback",
+                   help="callback: completions start the next command, no task per I/O (like "
+                        "spdk_nvme_perf; default); task: one trio task per slot awaiting "
+                        "Controller.read/write (the path FUSE and NBD take)")
+    p.add_argument("--latency-file", metavar="FILE", default=None,
+                   help="write every I/O's latency (seconds, native float64, sorted) to FILE")
     _common(p)
 
     from . import mount_cli
