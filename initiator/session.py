@@ -28,7 +28,7 @@ from typing import Callable
 
 import trio
 
-from ._errors import CommandTimeout, DigestError, NvmeError, NvmeStatusError, TransportError
+from ._errors import DigestError, NvmeError, NvmeStatusError, TransportError
 from ._init import InitError
 from ._status import is_retryable
 from ._util import single_errors
@@ -113,6 +113,8 @@ class Session:
         self.reconnects = 0
         self.last_error: str | None = None
         self.events_seen: list[str] = []
+        self.health: dict | None = None
+        self.error_log: list[dict] = []
         self.on_namespace: Callable[[str, int, NamespaceInfo], None] | None = None
         self.on_state: Callable[[CtrlState, str | None], None] | None = None
         self.on_async_event: Callable[[AsyncEvent], None] | None = None
@@ -262,8 +264,9 @@ class Session:
                 if retries < 0:
                     raise
             except NvmeStatusError as e:
-                # Aborted after a timeout, or a transient/path error without DNR: try again
-                # (kernel nvme_decide_disposition -> RETRY, bounded like its max_retries).
+                # Only aborted-after-timeout, transient transport and path errors without DNR
+                # are retried (bounded like the kernel's max_retries); other errors, with or
+                # without DNR, go to the caller: a narrower policy than the kernel's.
                 retries -= 1
                 if retries < 0 or not (is_retryable(e.sct, e.sc, e.dnr) or
                                        (e.sct == 0 and e.sc == 0x07 and not e.dnr)):
@@ -315,8 +318,34 @@ class Session:
         self.events_seen.append(f"type={ev.type} info=0x{ev.info:02x} log=0x{ev.log_page:02x}")
         if ev.type == AsyncEventType.NOTICE and ev.info == NoticeInfo.NS_ATTR_CHANGED:
             self._rescan_wanted.set()
+        elif ev.type in (AsyncEventType.ERROR, AsyncEventType.SMART) and self._nursery:
+            # Base 5.2: the controller masks further events of this type until the host reads
+            # the log page the event names (with RAE cleared): read it, log what it says.
+            self._nursery.start_soon(self._clear_event_log, ev)
         if self.on_async_event is not None:
             self.on_async_event(ev)
+
+    async def _clear_event_log(self, ev: AsyncEvent) -> None:
+        try:
+            if ev.log_page == LogPage.SMART:
+                smart = await self.admin(lambda c: c.smart_log())
+                self.health = {"critical_warning": smart.critical_warning,
+                               "temperature": smart.temperature,
+                               "available_spare": smart.available_spare,
+                               "media_errors": smart.media_errors}
+                log.warning("%s: SMART/health event (info 0x%02x): %s", self.name, ev.info,
+                            self.health)
+            elif ev.log_page == LogPage.ERROR:
+                entries = await self.admin(lambda c: c.error_log())
+                live = [e for e in entries if e.error_count]
+                self.error_log = [dataclasses.asdict(e) for e in live[:8]]
+                log.warning("%s: error event (info 0x%02x): %d error log entries", self.name,
+                            ev.info, len(live))
+            elif ev.log_page:
+                await self.admin(lambda c: c.get_log_page(ev.log_page, 512))
+        except (NvmeError, TransportError) as e:
+            log.info("%s: reading log page 0x%02x for an event failed: %s", self.name,
+                     ev.log_page, e)
 
     def request_rescan(self) -> None:
         self._rescan_wanted.set()
@@ -380,6 +409,7 @@ class Session:
         return {"name": self.name, "state": self.state.value, "subnqn": self.subnqn,
                 "address": f"{self.host}:{self.port}", "reconnects": self.reconnects,
                 "last_error": self.last_error, "async_events": list(self.events_seen[-20:]),
+                "health": self.health, "error_log": self.error_log,
                 "controller": c.statistics() if c is not None else None}
 
 
