@@ -57,4 +57,6 @@ def is_retryable(sct: int, sc: int, dnr: bool) -> bool:
     """Path-related and transient transport errors may succeed on another try (Base 4.2.3.4)."""
     if dnr:
         return False
-    return sct == 3 or (sct == 0 and sc in (0x21, 0x22, 0x82))
+    # Data Transfer Error (0x04: also what a digest failure or a short transfer becomes),
+    # Command Interrupted, Transient Transport Error, Namespace Not Ready; any path error.
+    return sct == 3 or (sct == 0 and sc in (0x04, 0x21, 0x22, 0x82))

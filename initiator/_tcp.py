@@ -335,6 +335,8 @@ class HostQueue:
                 if (flags or hlen != 24 or pdo or plen != 24 or d0 or d1 or d3 & 0xFFFE0000
                         or cid >= depth or not active[cid] or derr[cid]):
                     break
+                if rbuf[cid] is not None and rxoff[cid] != rbuf[cid].nbytes:
+                    break      # a read short of data: the slow path fails it
                 rbuf[cid] = None
                 wdata[cid] = None
             else:
@@ -367,8 +369,15 @@ class HostQueue:
                     if cid >= self.depth or not self._active[cid]:
                         raise RemoteProtocolError(f"CapsuleResp for unknown CID {cid}",
                                                   TermReqFes.INVALID_HEADER_FIELD, 20, bytes(hdr))
-                    if self._derr[cid] and status & 0xFFFE == 0:
-                        status = DIGEST_ERROR_STATUS
+                    if status & 0xFFFE == 0:
+                        if self._derr[cid]:
+                            status = DIGEST_ERROR_STATUS
+                        elif self._rbuf[cid] is not None and \
+                                self._rxoff[cid] != self._rbuf[cid].nbytes:
+                            # A successful completion of a read whose data did not all arrive
+                            # must not hand the caller an untouched buffer: Data Transfer Error,
+                            # as for a short C2HData with SUCCESS.
+                            status = _SC_DATA_TRANSFER_ERROR
                     self._finish(cid)
                     return (COMPLETION, cid, status & 0xFFFE if status >= 0 else status, dw0, dw1)
                 if ptype == _C2H:

@@ -435,14 +435,7 @@ async def test_corrupted_data_digest_on_the_controller_directly(et):
 MALFORMED = ["bad_type", "h2c_type", "icresp_again", "bad_hlen", "bad_plen", "bad_pdo",
              "success_without_last", "unknown_cid", "unknown_cid_data", "unknown_r2t",
              "garbage", "truncated"]
-TRUNCATED_BUG = pytest.mark.xfail(strict=True, reason=(
-    "initiator/_tcp.py HostQueue.next_event: a CapsuleResp completes a read with success even "
-    "though its C2HData never arrived (here: the read's C2HData header glued to the truncated "
-    "one parses as a CapsuleResp for the read's CID), so the caller gets its buffer untouched"))
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=TRUNCATED_BUG) if k == "truncated"
-                                  else k for k in MALFORMED])
+@pytest.mark.parametrize("kind", MALFORMED)
 async def test_malformed_pdu_host_terminates_and_reconnects(et, kind):
     async with session(et) as s:
         data = await write_pattern(s, 26)
