@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MAXH2CDATA announced in the ICResp (default 131072)")
     p.add_argument("--queue-size", type=int, default=128, help="CAP.MQES + 1 (default 128)")
     p.add_argument("--io-queues", type=int, default=8, help="I/O queues granted (default 8)")
+    p.add_argument("--poll-us", type=float, default=50.0, metavar="US",
+                   help="a connection that received data within US microseconds polls for more "
+                        "instead of sleeping in epoll (as SPDK polls; default 50, 0 = never)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -53,7 +56,8 @@ def config_from_args(a) -> TargetConfig:
         subsystems=[SubsystemConfig(nqn=a.nqn, namespaces=a.ns, allow_hosts=a.allow_host,
                                     serial=a.serial)],
         control=a.control, mdts=a.mdts, io_in_capsule=a.in_capsule,
-        max_h2c_data=a.max_h2c_data, queue_size=a.queue_size, max_io_queues=a.io_queues)
+        max_h2c_data=a.max_h2c_data, queue_size=a.queue_size, max_io_queues=a.io_queues,
+        poll_us=max(a.poll_us, 0.0))
 
 
 async def _run(config: TargetConfig) -> None:

@@ -29,3 +29,5 @@ class TargetConfig:
     kas: int = 1                         # Keep Alive granularity, 100 ms units (Identify KAS)
     discovery_kato_ms: int = 120000      # a discovery controller connected with KATO 0 gets this
     firmware: str = "0.1"
+    poll_us: float = 50.0                # a connection that received within this many us polls
+                                         # (yield, retry recv) instead of sleeping; 0 = never
