@@ -48,6 +48,16 @@ def _seconds(allow_negative: bool = False):
     return conv
 
 
+def _microseconds(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a number of microseconds") from None
+    if not 0 <= v <= 1e6:
+        raise argparse.ArgumentTypeError(f"{s} must be between 0 and 1000000")
+    return v
+
+
 _SIZE_RE = re.compile(r"^(\d+)([kKmMgGtT]?)(i?[bB])?$")
 
 
@@ -100,6 +110,9 @@ def add_connect(p: argparse.ArgumentParser, *, reconnect: bool = False) -> None:
                    help="admin command timeout in seconds (default 60)")
     g.add_argument("--io-timeout", type=_seconds(), default=30.0,
                    help="I/O command timeout in seconds (default 30)")
+    g.add_argument("--poll-us", type=_microseconds, default=50.0, metavar="US",
+                   help="while I/O is outstanding, poll for completions this many microseconds "
+                        "before sleeping (as SPDK polls; default 50, 0 = never)")
     if reconnect:
         g.add_argument("-c", "--reconnect-delay", type=_seconds(), default=10.0,
                        help="seconds between reconnect attempts (default 10)")
@@ -126,7 +139,8 @@ def controller_options(args, *, discovery: bool = False) -> ControllerOptions:
             data_digest=getattr(args, "data_digest", False),
             connect_timeout=getattr(args, "connect_timeout", 10.0),
             admin_timeout=getattr(args, "admin_timeout", 60.0),
-            io_timeout=getattr(args, "io_timeout", 30.0), discovery=discovery)
+            io_timeout=getattr(args, "io_timeout", 30.0), discovery=discovery,
+            poll_us=getattr(args, "poll_us", 50.0))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -91,6 +91,8 @@ class ControllerOptions:
     admin_timeout: float = 60.0          # kernel admin_timeout
     io_timeout: float = 30.0             # kernel io_timeout
     disable_sqflow: bool = True          # Connect CATTR bit 2 (docs/hot-path.md: +55%)
+    poll_us: float = 50.0                # I/O queue readers poll this long for completions
+                                         # while commands are outstanding; 0 = never
     discovery: bool = False
     aer: bool = True
 
@@ -105,6 +107,8 @@ class ControllerOptions:
             raise ValueError("number of I/O queues must be between 1 and 128")
         if self.keep_alive_tmo < 0:
             raise ValueError("keep-alive timeout must not be negative")
+        if self.poll_us < 0:
+            raise ValueError("poll time must not be negative")
 
 
 @dataclasses.dataclass(slots=True)
@@ -160,6 +164,7 @@ class Controller:
         q = await Queue.connect(self.host, self.port, qid, size - 1, hdgst=o.hdr_digest,
                                 ddgst=o.data_digest, timeout=o.connect_timeout,
                                 in_capsule_max=in_capsule)
+        q.spin = o.poll_us / 1e6 if qid else 0.0
         q.start(self._nursery)
         try:
             with trio.fail_after(o.connect_timeout):
