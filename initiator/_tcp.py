@@ -105,6 +105,9 @@ class HostQueue:
         self._cmd72 = [mv[:72] for mv in self._cmdmv]   # hot-path capsules, no per-I/O slicing
         self._events: list = []
         self.outstanding = 0
+        # Size of the last C2HData payload that was streamed into its destination: the shell
+        # receives PDU headers on their own while payloads are large (zero copy for all of it).
+        self.last_streamed = 0
 
     # -- connection set-up ------------------------------------------------------------------
     def icreq(self) -> bytes:
@@ -287,6 +290,7 @@ class HostQueue:
                 f"C2HData out of range (cid {cid}, datao {datao}, datal {datal})",
                 TermReqFes.DATA_TRANSFER_OUT_OF_RANGE, 12, bytes(hdr))
         self._rxoff[cid] = datao + datal
+        self.last_streamed = datal
         return dest[datao:datao + datal]
 
     def completions(self, done: list) -> int:
