@@ -1,0 +1,37 @@
+"""scripts/bench end to end, on a few short workloads: it starts and stops its own target, mount
+and NBD server, prints the table and draws the PNG. Figures are printed, never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("fio") and shutil.which("taskset")
+                         and shutil.which("fusermount3") and os.path.exists("/dev/fuse")),
+                    reason="needs fio, taskset and FUSE")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs")
+def test_bench_suite_runs(tmp_path):
+    png, js = tmp_path / "lat.png", tmp_path / "runs.json"
+    out = subprocess.run([sys.executable, "scripts/bench", "--runs", "1", "--time", "0.5",
+                          "--only", "raw-4k-qd1", "fuse-malloc-4k", "nbd-4k",
+                          "--png", str(png), "--json", str(js)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| raw-4k-qd1 |" in out.stdout and "| nbd-4k |" in out.stdout
+    doc = json.loads(js.read_text())
+    assert set(doc["medians"]) == {"raw-4k-qd1", "fuse-malloc-4k", "nbd-4k"}
+    assert all(m["iops"] > 0 for m in doc["medians"].values())
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert png.stat().st_size > 1000
