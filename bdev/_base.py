@@ -290,6 +290,13 @@ class Bdev:
     async def _submit_read(self, ctx: Any, lba: int, nblocks: int, buf: memoryview) -> None:
         raise BdevError(errno.EOPNOTSUPP, "read not implemented")
 
+    def _submit_read_nowait(self, ctx: Any, lba: int, nblocks: int, buf: memoryview,
+                            on_done: Callable[[bool], None]) -> bool:
+        """Extension: start a read that completes through `on_done(ok)` without a task waiting
+        on it; False if it cannot start now (the caller then awaits `_submit_read`). `ok` False
+        means: redo it with the awaited path, which applies the full error handling."""
+        return False
+
     async def _submit_write(self, ctx: Any, lba: int, nblocks: int, data: memoryview, fua: bool) -> None:
         raise BdevError(errno.EOPNOTSUPP, "write not implemented")
 
@@ -413,6 +420,34 @@ class IoChannel:
         bdev._num_read_ops += 1
         bdev._bytes_read += nbytes
         return buf
+
+    def read_blocks_nowait(self, lba: int, nblocks: int, buf: memoryview,
+                           on_done: Callable[[bool], None]) -> bool:
+        """Extension: start reading `nblocks` at `lba` into `buf` without a task waiting on it.
+
+        Returns False, having done nothing, when the bdev cannot start it at once (no support,
+        not connected, no free command slot, a split, a closed channel, out of range...): use
+        `await read_blocks(...)` instead. Otherwise `on_done(ok)` is called later, from another
+        task (never from inside this call): True once `buf` holds the data; False when the read
+        failed, and the caller redoes it with `read_blocks`, which applies the bdev's full error
+        handling (retries, reconnects) and raises the final BdevError. `on_done` must not block
+        or raise. NVMe bdevs implement it (a callback from the queue's reader); others say no.
+        """
+        bdev = self.bdev
+        if (self._closed or bdev.removed or lba < 0 or nblocks <= 0
+                or lba + nblocks > bdev.num_blocks or buf.nbytes != nblocks * bdev.block_size
+                or bdev._pieces(lba, nblocks, bdev._max_blocks()) is not None):
+            return False
+        t0 = perf_counter_ns()
+
+        def done(ok: bool) -> None:
+            if ok:
+                bdev._read_latency_ticks += perf_counter_ns() - t0
+                bdev._num_read_ops += 1
+                bdev._bytes_read += buf.nbytes
+            on_done(ok)
+
+        return bdev._submit_read_nowait(self._ctx, lba, nblocks, buf, done)
 
     async def write_blocks(self, lba: int, nblocks: int, data: Any, *, fua: bool = False) -> None:
         bdev = self.bdev

@@ -84,6 +84,9 @@ class NvmeBdev(Bdev):
         except (NvmeStatusError, TransportError) as e:
             raise _bdev_error(e, f"{self.name}: read of {nblocks} blocks at {lba}") from None
 
+    def _submit_read_nowait(self, ctx, lba, nblocks, buf, on_done) -> bool:
+        return self.session.read_nowait(self.nsid, lba, nblocks, buf, on_done, ctx)
+
     async def _submit_write(self, ctx, lba, nblocks, data, fua) -> None:
         try:
             await self.session.write(self.nsid, lba, nblocks, data, ctx, fua=fua)

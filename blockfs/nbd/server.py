@@ -12,8 +12,10 @@ Per connection:
   requests concurrently (replies go out of order; a pool, not a task per request: a busy worker
   takes the next request without a park/wake, and no Task is built per request); and one writer
   task that sends every reply queued since it last ran with a single `sendmsg` (the only task
-  that writes to the socket, so it doubles as the send lock).  The reader stops reading while
-  MAX_INFLIGHT requests or INFLIGHT_BYTES of payload are unanswered.
+  that writes to the socket, so it doubles as the send lock).  Block-aligned reads that the
+  bdev can start without a waiting task (`IoChannel.read_blocks_nowait`: NVMe) skip the workers:
+  the reply is queued from the completion callback; one that fails is redone by a worker.  The
+  reader stops reading while MAX_INFLIGHT requests or INFLIGHT_BYTES of payload are unanswered.
 - BdevError -> NBD error at one place (`_execute`), via `_protocol.nbd_errno`.
 """
 
@@ -300,6 +302,10 @@ class _Transmission:
         self._draining = False
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._reader_lot = trio.lowlevel.ParkingLot()
+        # Reads in flight without a worker (`_read_nowait`), and who waits for them to end.
+        self._nowait = 0
+        self._nowait_lot = trio.lowlevel.ParkingLot()
+        self._worker_nursery: trio.Nursery | None = None
 
     def start(self, negotiated: Negotiated, trailing: bytes) -> None:
         self.structured = negotiated.structured_replies
@@ -333,6 +339,9 @@ class _Transmission:
                     async with trio.open_nursery() as workers:
                         try:
                             await self._read_loop(workers)
+                            # Reads started without a worker answer (or go to one) first.
+                            while self._nowait:
+                                await self._nowait_lot.park()
                         finally:
                             # No more requests: workers finish the queue, then exit.
                             self._draining = True
@@ -352,8 +361,7 @@ class _Transmission:
         sock = self.sock
         lot = self._reader_lot
         size, tflags, max_block = self.size, self.tflags, self.max_block
-        work = self._work
-        work_lot = self._work_lot
+        self._worker_nursery = nursery
         while True:
             while self._inflight >= MAX_INFLIGHT or self._inflight_bytes >= INFLIGHT_BYTES:
                 await lot.park()
@@ -383,16 +391,49 @@ class _Transmission:
             if err:
                 self._queue_error(handle, cmd, err, "invalid request", cost)
                 continue
-            work.append((cmd, flags, handle, offset, length, payload, cost))
-            # Wake a worker only if the ones already woken will not cover the queue.
-            if len(work) > self._waking:
-                if work_lot:
-                    self._waking += 1
-                    work_lot.unpark()
-                elif self._workers < MAX_WORKERS:
-                    self._workers += 1
-                    self._waking += 1
-                    nursery.start_soon(self._worker)
+            if cmd == _CMD_READ and length and self._read_nowait(handle, offset, length, cost):
+                continue
+            self._add_work((cmd, flags, handle, offset, length, payload, cost))
+
+    def _add_work(self, req: tuple) -> None:
+        work = self._work
+        work.append(req)
+        # Wake a worker only if the ones already woken will not cover the queue.
+        if len(work) > self._waking:
+            if self._work_lot:
+                self._waking += 1
+                self._work_lot.unpark()
+            elif self._workers < MAX_WORKERS:
+                self._workers += 1
+                self._waking += 1
+                self._worker_nursery.start_soon(self._worker)
+
+    def _read_nowait(self, handle: int, offset: int, length: int, cost: int) -> bool:
+        """A block-aligned read the bdev can start without a task waiting on it (NVMe: a
+        completion callback from the queue's reader): no worker, no park/wake per request.
+        False: a worker does it. A read that fails this way is redone by a worker, which
+        applies the bdev's full error handling."""
+        bs = self.bdev.block_size
+        if offset % bs or length % bs:
+            return False
+        buf = bytearray(length)
+
+        def done(ok: bool) -> None:
+            self._nowait -= 1
+            if ok:
+                if self.structured:
+                    self._queue([read_chunk_header(handle, offset, length), buf], cost)
+                else:
+                    self._queue([simple_reply(handle), buf], cost)
+            else:
+                self._add_work((_CMD_READ, 0, handle, offset, length, None, cost))
+            if self._nowait_lot:
+                self._nowait_lot.unpark_all()
+
+        if not self.ch.read_blocks_nowait(offset // bs, length // bs, memoryview(buf), done):
+            return False
+        self._nowait += 1
+        return True
 
     # -- requests --------------------------------------------------------------------------
 

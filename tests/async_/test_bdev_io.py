@@ -311,3 +311,93 @@ async def test_partition_io_is_remapped_and_bounded():
     with pytest.raises(BdevError) as ei:
         p.get_io_channel()
     assert errno_of(ei) == errno.ENODEV
+
+
+# -- read_blocks_nowait (extension) -----------------------------------------------------------
+
+class CallbackBdev(MallocBdev):
+    """A MallocBdev whose reads can also start without a waiting task: the data is copied and
+    `on_done` runs from a background task (as NVMe's reader task does); reads touching
+    `fail_lba` complete with ok False."""
+
+    fail_lba = -1
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.pending: list = []
+        self.nowait_calls = 0
+
+    def _submit_read_nowait(self, ctx, lba, nblocks, buf, on_done) -> bool:
+        self.nowait_calls += 1
+        ok = not lba <= self.fail_lba < lba + nblocks
+        if ok:
+            bs = self.block_size
+            buf[:] = self._mv[lba * bs:(lba + nblocks) * bs]
+        self.pending.append((on_done, ok))
+        return True
+
+    def complete_all(self) -> None:
+        pending, self.pending = self.pending, []
+        for cb, ok in pending:
+            cb(ok)
+
+
+async def test_read_blocks_nowait_completes_later_and_counts():
+    b = CallbackBdev("cb0", 64, 512)
+    ch = b.get_io_channel()
+    await ch.write_blocks(4, 2, bytes(range(256)) * 4)
+    buf = memoryview(bytearray(1024))
+    got = []
+    assert ch.read_blocks_nowait(4, 2, buf, got.append)
+    assert got == [] and b.statistics()["num_read_ops"] == 0    # never from inside the call
+    b.complete_all()
+    assert got == [True] and bytes(buf) == bytes(range(256)) * 4
+    st = b.statistics()
+    assert st["num_read_ops"] == 1 and st["bytes_read"] == 1024
+
+
+async def test_read_blocks_nowait_failure_is_reported_and_not_counted():
+    b = CallbackBdev("cb0", 64, 512)
+    b.fail_lba = 10
+    ch = b.get_io_channel()
+    got = []
+    assert ch.read_blocks_nowait(9, 2, memoryview(bytearray(1024)), got.append)
+    b.complete_all()
+    assert got == [False] and b.statistics()["num_read_ops"] == 0
+
+
+@pytest.mark.parametrize("lba,n,size", [(-1, 1, 512), (63, 2, 1024), (0, 0, 0), (0, 1, 1024)])
+async def test_read_blocks_nowait_declines_what_the_awaited_path_must_judge(lba, n, size):
+    b = CallbackBdev("cb0", 64, 512)
+    ch = b.get_io_channel()
+    assert not ch.read_blocks_nowait(lba, n, memoryview(bytearray(size)), lambda ok: None)
+    assert b.nowait_calls == 0
+
+
+async def test_read_blocks_nowait_declines_splits_closed_removed_and_unsupported():
+    b = CallbackBdev("cb0", 64, 512, max_io_bytes=1024)
+    ch = b.get_io_channel()
+    assert not ch.read_blocks_nowait(0, 4, memoryview(bytearray(2048)), lambda ok: None)
+    ch.close()
+    assert not ch.read_blocks_nowait(0, 1, memoryview(bytearray(512)), lambda ok: None)
+    ch = b.get_io_channel()
+    b.hot_remove()
+    assert not ch.read_blocks_nowait(0, 1, memoryview(bytearray(512)), lambda ok: None)
+    assert b.nowait_calls == 0
+    m = MallocBdev("m0", 64, 512)                      # the base class: not supported
+    assert not m.get_io_channel().read_blocks_nowait(0, 1, memoryview(bytearray(512)),
+                                                     lambda ok: None)
+
+
+async def test_partition_read_nowait_goes_to_the_base_at_its_offset():
+    b = CallbackBdev("cb0", 64, 512)
+    ch = b.get_io_channel()
+    await ch.write_blocks(20, 1, b"\x5a" * 512)
+    p = PartBdev(b, "cb0p1", 16, 32)
+    got = []
+    buf = memoryview(bytearray(512))
+    assert p.get_io_channel().read_blocks_nowait(4, 1, buf, got.append)
+    b.complete_all()
+    assert got == [True] and bytes(buf) == b"\x5a" * 512
+    assert not p.get_io_channel().read_blocks_nowait(31, 2, memoryview(bytearray(1024)),
+                                                     lambda ok: None)

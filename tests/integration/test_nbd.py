@@ -658,3 +658,69 @@ async def test_partitions_are_exported_by_name(nursery):
     await c.request(CMD_READ, 2, 2048 * 512 + 1000, 100)
     assert await c.simple_reply(100) == (0, 2, b"\x5a" * 100)
     await c.aclose()
+
+
+class CallbackBdev(MallocBdev):
+    """Reads start without a waiting task (like NVMe's `read_blocks_nowait`) and complete from a
+    background task; a read covering `fail_lba` completes with ok False the first time (the NBD
+    server must redo it through a worker, which then reads it normally)."""
+
+    fail_lba = 100
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.nowait = 0
+        self.failed = 0
+        self._send, self._recv = trio.open_memory_channel(1000)
+
+    def _submit_read_nowait(self, ctx, lba, nblocks, buf, on_done) -> bool:
+        ok = not (lba <= self.fail_lba < lba + nblocks) or self.failed
+        if ok:
+            bs = self.block_size
+            buf[:] = self._mv[lba * bs:(lba + nblocks) * bs]
+        else:
+            self.failed += 1
+        try:
+            self._send.send_nowait((on_done, ok))
+        except trio.WouldBlock:
+            return False
+        self.nowait += 1
+        return True
+
+    async def completer(self) -> None:
+        async for on_done, ok in self._recv:
+            on_done(ok)
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+@timeboxed(30)
+async def test_reads_without_a_worker_and_their_retry(nursery, structured):
+    reg = BdevRegistry(examine_modules=[])
+    bdev = CallbackBdev("cb0", 2048, 512)
+    bdev._buf[:] = bytes(i * 7 & 0xFF for i in range(len(bdev._buf)))
+    nursery.start_soon(bdev.completer)
+    await reg.register(bdev)
+    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    c = await RawClient.connect(p)
+    await c.go("cb0", structured=structured)
+    want = {h: (lba * 512, 1024) for h, lba in enumerate(range(96, 112, 2), 1)}   # h 3 fails once
+    for h, (off, n) in want.items():
+        await c.request(CMD_READ, h, off, n)
+    await c.request(CMD_READ, 99, 3, 10)                    # unaligned: the worker path
+    got = {}
+    for _ in range(len(want) + 1):
+        if structured:
+            flags, rtype, h, payload = await c.chunk()
+            assert rtype == 1 and flags & 1                   # one OFFSET_DATA chunk, DONE
+            got[h] = payload[8:]
+        else:
+            # Replies come in any order: read the handle first, then the length it asked for.
+            err, h, _ = await c.simple_reply()
+            assert err == 0
+            got[h] = await c.recv(want[h][1] if h in want else 10)
+    image = bytes(bdev._buf)
+    for h, (off, n) in want.items():
+        assert got[h] == image[off:off + n], h
+    assert got[99] == image[3:13]
+    assert bdev.nowait == len(want) and bdev.failed == 1
+    await c.aclose()
