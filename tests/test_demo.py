@@ -24,3 +24,7 @@ def test_demo_runs_the_main_job():
     assert f"read    {written}" in out                              # dd through p2 read back
     assert f"nvme0n1: {64 << 20} -> {96 << 20} bytes" in out        # live resize
     assert out.rstrip().endswith("blockfs demo: OK")
+    # the demo's target and daemon are gone afterwards
+    left = subprocess.run(["pgrep", "-f", "blockfs target --listen 127.0.0.1:0 --nqn "
+                           "nqn.2026-01.io.blockfs:demo"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
