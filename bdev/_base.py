@@ -492,10 +492,19 @@ class IoChannel:
         try:
             if bdev.io_type_supported(IoType.WRITE_ZEROES):
                 pieces = bdev._pieces(lba, nblocks, bdev._max_blocks())
-                if pieces is None:
-                    await bdev._submit_write_zeroes(self._ctx, lba, nblocks)
-                else:
-                    await _fanout([(bdev._submit_write_zeroes, (self._ctx, p, n)) for p, n in pieces])
+                try:
+                    if pieces is None:
+                        await bdev._submit_write_zeroes(self._ctx, lba, nblocks)
+                    else:
+                        await _fanout([(bdev._submit_write_zeroes, (self._ctx, p, n))
+                                       for p, n in pieces])
+                except BdevError as e:
+                    # A device may learn only when asked that it cannot zero (an NVMe backend
+                    # rejecting the Write Zeroes its ONCS advertised): it answers EOPNOTSUPP and
+                    # stops claiming WRITE_ZEROES; the whole range is then zeroed by writes.
+                    if e.errno != errno.EOPNOTSUPP or bdev.io_type_supported(IoType.WRITE_ZEROES):
+                        raise
+                    await self._emulate_write_zeroes(lba, nblocks)
             else:
                 await self._emulate_write_zeroes(lba, nblocks)
         except BdevError:

@@ -72,7 +72,7 @@ class NvmeBdev(Bdev):
         if io_type == IoType.UNMAP:
             return bool(oncs & 0x4)          # ONCS bit 2: Dataset Management
         if io_type == IoType.WRITE_ZEROES:
-            return bool(oncs & 0x8)          # ONCS bit 3: Write Zeroes
+            return bool(oncs & 0x8) and not self._wz_unsupported   # ONCS bit 3: Write Zeroes
         return True
 
     def _create_channel_ctx(self) -> Any:
@@ -104,34 +104,20 @@ class NvmeBdev(Bdev):
             # Write Zeroes NLB is 16 bits (0's based): split here, MDTS does not apply.
             while nblocks:
                 n = min(nblocks, 65536)
-                if self._wz_unsupported:
-                    await self._write_zero_buffers(ctx, lba, n)
-                else:
-                    try:
-                        await self.session.write_zeroes(self.nsid, lba, n, ctx)
-                    except NvmeStatusError as e:
-                        if not _unsupported(e):
-                            raise
-                        # ONCS says yes, the backend says no (nvmet on tmpfs answers sct 1 /
-                        # sc 0x83): from now on write zero buffers, as SPDK's bdev layer does.
-                        log.info("%s: Write Zeroes unsupported (%s); writing zeroes instead",
-                                 self.name, e)
-                        self._wz_unsupported = True
-                        continue
+                await self.session.write_zeroes(self.nsid, lba, n, ctx)
                 lba += n
                 nblocks -= n
-        except (NvmeStatusError, TransportError) as e:
+        except NvmeStatusError as e:
+            if _unsupported(e):
+                # ONCS says yes, the backend says no (nvmet on tmpfs answers sct 1 / sc 0x83):
+                # stop claiming WRITE_ZEROES; the bdev layer writes zero buffers instead, as
+                # SPDK's does.
+                log.info("%s: Write Zeroes unsupported (%s); writing zeroes instead", self.name, e)
+                self._wz_unsupported = True
+                raise BdevError(errno.EOPNOTSUPP, f"{self.name}: write zeroes: {e}") from None
             raise _bdev_error(e, f"{self.name}: write zeroes") from None
-
-    async def _write_zero_buffers(self, ctx, lba, nblocks) -> None:
-        bs = self.block_size
-        chunk = max(1, min(nblocks, (self.max_io_bytes or (1 << 20)) // bs))
-        zeroes = memoryview(bytes(chunk * bs))
-        while nblocks:
-            n = min(chunk, nblocks)
-            await self.session.write(self.nsid, lba, n, zeroes[:n * bs], ctx)
-            lba += n
-            nblocks -= n
+        except TransportError as e:
+            raise _bdev_error(e, f"{self.name}: write zeroes") from None
 
     async def _submit_unmap(self, ctx, lba, nblocks) -> None:
         try:

@@ -401,3 +401,51 @@ async def test_partition_read_nowait_goes_to_the_base_at_its_offset():
     assert got == [True] and bytes(buf) == b"\x5a" * 512
     assert not p.get_io_channel().read_blocks_nowait(31, 2, memoryview(bytearray(1024)),
                                                      lambda ok: None)
+
+
+class _ZeroesRefusedOnFirstUse(MallocBdev):
+    """Claims WRITE_ZEROES until asked, then answers EOPNOTSUPP and stops claiming it (what
+    NvmeBdev does for an nvmet backend that rejects the Write Zeroes its ONCS advertised)."""
+
+    refused = False
+    submits = 0
+
+    def io_type_supported(self, io_type: IoType) -> bool:
+        if io_type == IoType.WRITE_ZEROES and self.refused:
+            return False
+        return super().io_type_supported(io_type)
+
+    async def _submit_write_zeroes(self, ctx: Any, lba: int, nblocks: int) -> None:
+        self.submits += 1
+        self.refused = True
+        raise BdevError(errno.EOPNOTSUPP, "write zeroes refused by the backend")
+
+
+async def test_write_zeroes_refused_on_first_use_is_emulated_by_writes():
+    b = _ZeroesRefusedOnFirstUse("m0", 64, 512)
+    ch = b.get_io_channel()
+    await ch.write_blocks(0, 64, b"\xaa" * (64 * 512))
+    await ch.write_zeroes_blocks(8, 16)             # refused, then zeroed by writes
+    await ch.write_zeroes_blocks(40, 8)             # no longer claimed: emulated directly
+    data = bytes(await ch.read_blocks(0, 64))
+    assert data[:8 * 512] == b"\xaa" * (8 * 512)
+    assert data[8 * 512:24 * 512] == bytes(16 * 512)
+    assert data[40 * 512:48 * 512] == bytes(8 * 512)
+    assert data[48 * 512:] == b"\xaa" * (16 * 512)
+    assert b.submits == 1
+    # through a partition (it asks its base): the same
+    b2 = _ZeroesRefusedOnFirstUse("m1", 64, 512)
+    await b2.get_io_channel().write_blocks(0, 64, b"\xbb" * (64 * 512))
+    part = PartBdev(b2, "m1p1", 16, 32, number=1)
+    await part.get_io_channel().write_zeroes_blocks(0, 4)
+    assert bytes(await b2.get_io_channel().read_blocks(16, 4)) == bytes(4 * 512)
+
+
+async def test_write_zeroes_failing_for_another_reason_is_not_emulated():
+    class Broken(MallocBdev):
+        async def _submit_write_zeroes(self, ctx, lba, nblocks):
+            raise BdevError(errno.EIO, "media error")
+    b = Broken("m2", 16, 512)
+    with pytest.raises(BdevError) as ei:
+        await b.get_io_channel().write_zeroes_blocks(0, 4)
+    assert ei.value.errno == errno.EIO
