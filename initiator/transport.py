@@ -341,13 +341,7 @@ class Queue:
         except BaseException:
             core.release_cid(cid)
             raise
-        self._opcode[cid] = _OPC_READ
-        self.submit_epoch[cid] = self.epoch
-        self.aborted[cid] = False
-        self.commands += 1
-        if self._writer_parked and not self._reader_active:
-            self._writer_parked = False
-            reschedule(self._writer_task)
+        self._sent(cid, _OPC_READ)
         self._waiter[cid] = current_task()
         ev = await _park(self._parks[cid])
         if ev is not None:
