@@ -11,7 +11,6 @@ process of a daemonized mount can exit 0 only once the mount is usable (like ssh
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -268,4 +267,4 @@ def run_foreground(args, ready: Callable[[str | None], None]) -> int:
     return 0
 
 
-__all__ = ["Daemon", "StartupError", "run_foreground", "check_mountpoint", "errno"]
+__all__ = ["Daemon", "StartupError", "run_foreground", "check_mountpoint"]

@@ -59,18 +59,19 @@ class HotplugRunner:
     # -- event sources ----------------------------------------------------------------------
     def on_registry_event(self, event: str, bdev) -> None:
         is_part = getattr(bdev, "base", None) is not None
+        owner = bdev.base if is_part else bdev      # the NVMe bdev: namespace and session
         kind = {"add": "partition-added" if is_part else "add",
                 "remove": "partition-removed" if is_part else "remove",
                 "resize": "resize"}.get(event)
         if kind is None:
             return
-        session = getattr(bdev, "session", None) or getattr(getattr(bdev, "base", None), "session", None)
+        session = getattr(owner, "session", None)
         env = {
             "BLOCKFS_BDEV": bdev.name,
             "BLOCKFS_PATH": os.path.join(self.mountpoint, bdev.name) if self.mountpoint else "",
             "BLOCKFS_SIZE": str(bdev.size),
             "BLOCKFS_BLOCK_SIZE": str(bdev.block_size),
-            "BLOCKFS_NSID": str(getattr(bdev, "nsid", "") or getattr(getattr(bdev, "base", None), "nsid", "") or ""),
+            "BLOCKFS_NSID": str(getattr(owner, "nsid", "") or ""),
             "BLOCKFS_UUID": bdev.uuid or "",
             "BLOCKFS_BASE": bdev.base.name if is_part else "",
             "BLOCKFS_SUBNQN": session.subnqn if session else "",

@@ -36,7 +36,7 @@ from ._init import ControllerInit, InitState
 from ._util import single_errors
 from ._spec import (
     ADMIN_QUEUE_IN_CAPSULE, CC_SHN_NORMAL, CSTS_SHST_COMPLETE, CSTS_SHST_MASK, AdminOpcode,
-    Cns, DSM_ATTR_DEALLOCATE, FeatureId, IoOpcode, LogPage, Property, WZ_DEAC,
+    Cns, DSM_ATTR_DEALLOCATE, IoOpcode, LogPage, Property, WZ_DEAC,
 )
 from .transport import Queue
 

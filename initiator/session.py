@@ -28,6 +28,7 @@ from typing import Callable
 
 import trio
 
+from . import _structs as st
 from ._errors import DigestError, NvmeError, NvmeStatusError, TransportError
 from ._init import InitError
 from ._status import is_retryable
@@ -86,7 +87,6 @@ def _hex_or_none(b) -> str | None:
 
 def _ns_info(nsid: int, ident, descs: dict | None) -> NamespaceInfo:
     """Identify Namespace + NS ID descriptors (Base 5.17.2.3) -> NamespaceInfo."""
-    from . import _structs as st
     descs = descs or {}
     uuid = descs.get(st.NIDT_UUID)
     return NamespaceInfo(
@@ -414,7 +414,6 @@ class Session:
             await c.changed_ns_list()
         except NvmeStatusError as e:
             log.info("%s: changed namespace list unavailable: %s", self.name, e)
-        from . import _structs as st
         active = await c.active_namespaces()
         found: dict[int, NamespaceInfo] = {}
         for nsid in active:
