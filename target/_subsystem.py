@@ -32,9 +32,10 @@ class TargetError(Exception):
 
 class Namespace:
     __slots__ = ("nsid", "backend", "block_size", "lbads", "nblocks", "nguid", "eui64", "uuid",
-                 "spec", "fast")
+                 "spec", "fast", "hot", "_max_io")
 
-    def __init__(self, nsid: int, backend: Backend, block_size: int, subnqn: str, spec: str = ""):
+    def __init__(self, nsid: int, backend: Backend, block_size: int, subnqn: str, spec: str = "",
+                 max_io: int = 1 << 20):
         self.nsid = nsid
         self.backend = backend
         self.block_size = block_size
@@ -42,6 +43,8 @@ class Namespace:
         self.nblocks = backend.size // block_size
         self.spec = spec
         self.fast = backend.kind in ("ram", "null")   # cannot fail: the queue's hot path may serve it
+        self._max_io = max_io
+        self._set_hot()
         h = hashlib.sha256(f"{subnqn}/{nsid}/{spec}".encode()).digest()
         self.nguid = h[:16]
         self.eui64 = h[16:24]
@@ -62,6 +65,20 @@ class Namespace:
             raise TargetError("a namespace must keep at least one block")
         self.backend.resize(new_size)
         self.nblocks = new_size // self.block_size
+        self._set_hot()
+
+    def _set_hot(self) -> None:
+        """`hot`: what the queue's read fast path needs, in one tuple (NBLOCKS, LBADS, VIEW, MASK):
+        a read of N bytes at byte offset OFF is VIEW[OFF & MASK : (OFF & MASK) + N]. RAM: the
+        whole memory, MASK -1; null: a zero buffer of at least the largest transfer, MASK 0.
+        None: no fast path. Rebuilt on resize (a RAM resize makes a new buffer)."""
+        b = self.backend
+        if b.kind == "ram":
+            self.hot = (self.nblocks, self.lbads, b.mv, -1)
+        elif b.kind == "null" and b.reserve(self._max_io):
+            self.hot = (self.nblocks, self.lbads, b.zeros, 0)
+        else:
+            self.hot = None
 
     def info(self) -> dict:
         return {"nsid": self.nsid, "backend": self.backend.describe(), "block_size": self.block_size,
@@ -95,7 +112,7 @@ class Subsystem:
         if nsid in self.namespaces:
             raise TargetError(f"NSID {nsid} already exists")
         backend, bs = parse_ns_spec(spec)
-        ns = Namespace(nsid, backend, bs, self.nqn, spec)
+        ns = Namespace(nsid, backend, bs, self.nqn, spec, max_io=self.target.max_io_bytes)
         self.namespaces[nsid] = ns
         self._changed(nsid)
         return ns

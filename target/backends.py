@@ -98,14 +98,22 @@ class RamBackend(Backend):
 class NullBackend(Backend):
     kind = "null"
 
+    ZEROS_MAX = 1 << 21     # the largest zero buffer kept for the fast path
+
     def __init__(self, size: int, max_io: int = 1 << 21):
         super().__init__(size)
-        self._zeros = memoryview(bytes(max_io))
+        self.zeros = memoryview(bytes(max_io))
+
+    def reserve(self, n: int) -> bool:
+        """Make `zeros` at least `n` bytes long if that is at most ZEROS_MAX; -> whether it is."""
+        if len(self.zeros) < n <= self.ZEROS_MAX:
+            self.zeros = memoryview(bytes(n))
+        return len(self.zeros) >= n
 
     def read(self, off: int, n: int):
-        z = self._zeros
+        z = self.zeros
         if n > len(z):
-            self._zeros = z = memoryview(bytes(n))
+            self.zeros = z = memoryview(bytes(n))
         return z[:n]
 
     def write(self, off: int, data) -> None:

@@ -43,6 +43,7 @@ from .faults import MALFORMED
 log = logging.getLogger("blockfs.target")
 
 IOV_MAX = 512
+YIELD_EVERY = 8         # batches a busy connection handles between scheduler passes
 DRAIN_TIMEOUT = 1.0
 
 
@@ -102,6 +103,7 @@ class Connection:
         checkpoint = trio.lowlevel.checkpoint
         poll = self.server.config.poll_us / 1e6
         last_data = 0.0
+        unyielded = 0
         while not q.closing:
             if self.silent:
                 await self._unsilence.wait()
@@ -120,6 +122,7 @@ class Connection:
                 # Poll while the host is busy (SPDK's targets always poll): an epoll sleep and
                 # its wake-up cost 15-20 us of latency on these VMs, and the host pays for the
                 # wake-up in its send. A connection quiet for `poll_us` sleeps.
+                unyielded = 0
                 if poll and time.perf_counter() - last_data < poll:
                     await checkpoint()
                     continue
@@ -140,7 +143,13 @@ class Connection:
                 q.out.clear()
                 q.fatal(1, 0, b"", f"internal error: {e!r}", e)
             self.flush()
-            await checkpoint()
+            # While data keeps coming, give the other tasks (connections, timers, the control
+            # socket) a turn every few batches rather than after each: a scheduler pass costs
+            # about as much as a batch's own Python work (hot-path.md: batching).
+            unyielded += 1
+            if unyielded >= YIELD_EVERY:
+                unyielded = 0
+                await checkpoint()
 
     async def _writer(self) -> None:
         while True:

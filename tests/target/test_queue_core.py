@@ -86,3 +86,87 @@ def test_fast_path_consumes_reads_in_bulk():
     q.process()
     assert len(q.out) == 64 and q.n_read == 32
     assert all(struct.unpack_from("<BB", b)[0:2] == (7, 0x0C) for b in q.out[0::2])
+
+
+def _io_queue(st, sqflow_off=True):
+    q = TargetQueue(st)
+    q.rx.receive_data(build_icreq() + _cap(fab.connect_sqe(1, 63, 0, disable_sqflow=sqflow_off),
+                                           fab.connect_data(HOSTID, 1, NQN, "nqn.h")))
+    q.process()
+    q.out.clear()
+    return q
+
+
+def _replies(q):
+    """Process and split `out` into (C2HData payloads by CID, CapsuleResp statuses by CID)."""
+    q.process()
+    raw = b"".join(bytes(b) for b in q.out)
+    q.out.clear()
+    data, status = {}, {}
+    i = 0
+    while i < len(raw):
+        ptype, _f, hlen, _pdo, plen = struct.unpack_from("<BBBBI", raw, i)
+        if ptype == 7:
+            cid, _, _, datal = struct.unpack_from("<HHII", raw, i + 8)
+            data[cid] = raw[i + hlen:i + hlen + datal]
+        elif ptype == 5:
+            cid, st_ = struct.unpack_from("<HH", raw, i + 8 + 12)
+            status[cid] = (st_ >> 1) & 0x7FF
+        i += plen
+    return data, status
+
+
+def test_read_then_write_in_one_batch_reads_the_old_data():
+    """The hot path hands out views of the RAM: a write later in the same batch must not
+    change what an earlier read sends (nor may a later read miss the write)."""
+    for sqflow_off in (True, False):
+        st = _target()
+        q = _io_queue(st, sqflow_off)
+        old = bytes(st.subsystems[NQN].namespaces[1].backend.read(0, 512))
+        new = b"\xAB" * 512
+        q.rx.receive_data(_cap(sqe(0x02, 1, 1, 0, 0, 0, data_len=512))
+                          + _cap(sqe(0x01, 2, 1, 0, 0, 0, data_len=512), new)
+                          + _cap(sqe(0x02, 3, 1, 0, 0, 0, data_len=512)))
+        data, status = _replies(q)
+        assert data[1] == old and data[3] == new
+        assert status.get(2) == 0
+
+
+def test_null_namespace_fast_path_and_its_limit():
+    for mdts, hot in ((8, True), (0, False)):     # mdts 0: transfers beyond the zero buffer
+        st = TargetState(TargetConfig(mdts=mdts, subsystems=[
+            SubsystemConfig(nqn=NQN, namespaces=["null:8M:512"])]))
+        ns = st.subsystems[NQN].namespaces[1]
+        assert (ns.hot is not None) == hot
+        a = TargetQueue(st)
+        a.rx.receive_data(build_icreq())
+        a.rx.receive_data(_cap(fab.connect_sqe(0, 31, 0),
+                               fab.connect_data(HOSTID, 0xFFFF, NQN, "nqn.h")))
+        a.rx.receive_data(_cap(fab.property_set_sqe(Property.CC, CC_EN | CC_IOSQES | CC_IOCQES)))
+        a.process()
+        q = _io_queue(st)
+        big = 1 << 20 if hot else 4 << 20           # the largest transfer / beyond 2 MiB
+        q.rx.receive_data(_cap(sqe(0x02, 1, 1, 100, 0, 7, data_len=4096))
+                          + _cap(sqe(0x02, 2, 1, 200, 0, big // 512 - 1, data_len=big)))
+        data, status = _replies(q)
+        assert data[1] == bytes(4096)
+        assert data[2] == bytes(big), status
+
+
+def test_hot_path_follows_resize():
+    st = _target()
+    q = _io_queue(st)
+    sub = st.subsystems[NQN]
+    end = 2048                                       # 1 MiB of 512-byte blocks
+    q.rx.receive_data(_cap(sqe(0x02, 1, 1, end, 0, 0, data_len=512)))
+    _, status = _replies(q)
+    assert status[1] == 0x80                          # LBA Out of Range
+    sub.resize_ns(1, "2M")
+    sub.namespaces[1].backend.write(end * 512, b"\x5A" * 512)
+    q.rx.receive_data(_cap(sqe(0x02, 2, 1, end, 0, 0, data_len=512)))
+    data, _ = _replies(q)
+    assert data[2] == b"\x5A" * 512
+    sub.resize_ns(1, "512K")
+    q.rx.receive_data(_cap(sqe(0x02, 3, 1, 1024, 0, 0, data_len=512)))
+    _, status = _replies(q)
+    assert status[3] == 0x80
