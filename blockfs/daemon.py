@@ -24,6 +24,7 @@ from bdev.examine import PartitionExamine
 from bdev.nvme import NvmeController
 from bdev.registry import BdevRegistry
 from initiator.session import Session
+from initiator.transport import POLL_IDLE
 
 from .control import serve_control
 from .options import controller_options, reconnect_policy
@@ -91,7 +92,9 @@ class Daemon:
                 "bdevs": self._bdev_rows()}
 
     async def rpc_stats(self, params):
-        return {"controllers": [s.statistics() for s in self.sessions],
+        ru = os.times()
+        return {"cpu_s": ru.user + ru.system, "poll_idle_s": round(POLL_IDLE.total, 6),
+                "controllers": [s.statistics() for s in self.sessions],
                 "hotplug": self.hotplug.statistics() if self.hotplug else None,
                 "discovery": self.discovery.statistics() if self.discovery else None,
                 "bdevs": {b.name: b.statistics() for b in self.registry.bdevs()}}

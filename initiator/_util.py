@@ -41,3 +41,27 @@ def single_errors():
         if e is eg:
             raise
         raise e from None
+
+
+class IdleMeter:
+    """Time a polling process spent finding nothing to do (SPDK's idle poller time): CPU that
+    `getrusage` counts but no I/O needed. One meter per process, shared by its pollers: the
+    first poller that finds its socket empty opens a stretch (`since`), the next one that
+    receives data closes it and adds it to `total`, and so does a poller that stops polling to
+    sleep. Time other tasks run inside a stretch counts as idle too (rare: a poller only misses
+    after the tasks its last batch woke have run). The hot loops inline `miss` and `work`."""
+
+    __slots__ = ("since", "total")
+
+    def __init__(self) -> None:
+        self.since = 0.0
+        self.total = 0.0
+
+    def miss(self, now: float) -> None:
+        if not self.since:
+            self.since = now
+
+    def work(self, now: float) -> None:
+        if self.since:
+            self.total += now - self.since
+            self.since = 0.0

@@ -43,11 +43,14 @@ from ._errors import (
 )
 from ._spec import RW_FUA
 from ._tcp import COMPLETION, DIGEST_ERROR_STATUS, IC_DONE, SEND, TERM, HostQueue
+from ._util import IdleMeter
 
 _OPC_READ = 0x02
 _OPC_WRITE = 0x01
 # Reader polling budget while commands are outstanding (see Queue.spin).
 SPIN_SECONDS = 50e-6
+# The process's polling idle time (blockfs bench reports CPU minus it as busy time).
+POLL_IDLE = IdleMeter()
 # A payload rest smaller than this is received into the receive buffer with what follows it
 # (one recv) rather than straight into its destination (zero copy, one recv for it alone).
 _ZERO_COPY_MIN = 16384
@@ -468,6 +471,7 @@ class Queue:
         recv_into = sock.recv_into
         sendq = self._sendq
         spin_end = 0.0
+        idle = POLL_IDLE
         unyielded = 0
         more = False        # the last recv filled its buffer: more is probably waiting
         self._reader_active = True
@@ -504,9 +508,12 @@ class Queue:
                         if not spin_end:
                             spin_end = now + self.spin
                         if now < spin_end:
+                            if not idle.since:
+                                idle.since = now
                             unyielded = 0
                             await checkpoint()
                             continue
+                        idle.work(now)
                     spin_end = 0.0
                     unyielded = 0
                     if sendq and not self._writer_blocked:
@@ -518,6 +525,8 @@ class Queue:
                         self._reader_active = True
                     continue
                 spin_end = 0.0
+                if idle.since:
+                    idle.work(perf_counter())    # the polling since the first miss was idle
                 if n == 0:
                     self._die(ConnectionLost(f"{self.peer}: connection closed by the target"))
                     return

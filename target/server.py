@@ -32,8 +32,11 @@ import os
 import socket
 import struct
 import time
+from time import perf_counter
 
 import trio
+
+from initiator._util import IdleMeter
 
 from ._queue import TargetQueue
 from ._subsystem import TargetState
@@ -103,6 +106,7 @@ class Connection:
         checkpoint = trio.lowlevel.checkpoint
         poll = self.server.config.poll_us / 1e6
         last_data = 0.0
+        idle = self.server.idle
         unyielded = 0
         while not q.closing:
             if self.silent:
@@ -123,9 +127,14 @@ class Connection:
                 # its wake-up cost 15-20 us of latency on these VMs, and the host pays for the
                 # wake-up in its send. A connection quiet for `poll_us` sleeps.
                 unyielded = 0
-                if poll and time.perf_counter() - last_data < poll:
-                    await checkpoint()
-                    continue
+                if poll:
+                    now = perf_counter()
+                    if now - last_data < poll:
+                        if not idle.since:
+                            idle.since = now
+                        await checkpoint()
+                        continue
+                    idle.work(now)
                 await wait_readable(sock)
                 continue
             except OSError as e:
@@ -135,7 +144,9 @@ class Connection:
                 q.close("peer closed")
                 return
             if poll:
-                last_data = time.perf_counter()
+                last_data = perf_counter()
+                if idle.since:
+                    idle.work(last_data)
             try:
                 q.process()
             except Exception as e:      # a bug must cost one connection, not the target
@@ -262,6 +273,7 @@ class TargetServer:
         self._listen_socks: list[socket.socket] = []
         self.started_at = time.time()
         self.port_state = "up"     # up | down (refuse: close at once) | blackhole (silent)
+        self.idle = IdleMeter()    # polling that found nothing (stats: busy = CPU - idle)
 
     @property
     def port(self) -> int:
@@ -391,6 +403,7 @@ class TargetServer:
         r, w, br, bw = self.state.io_totals()
         ru = os.times()
         return {"cpu_s": ru.user + ru.system, "user_s": ru.user, "system_s": ru.system,
+                "poll_idle_s": round(self.idle.total, 6),
                 "reads": r, "writes": w, "bytes_read": br, "bytes_written": bw,
                 "connections": len(self.conns), "pid": os.getpid(),
                 "keep_alive_expiries": self.state.keep_alive_expiries}

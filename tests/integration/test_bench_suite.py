@@ -30,6 +30,12 @@ def test_bench_suite_runs(tmp_path):
     doc = json.loads(js.read_text())
     assert set(doc["medians"]) == {"raw-4k-qd1", "fuse-malloc-4k", "nbd-4k"}
     assert all(m["iops"] > 0 for m in doc["medians"].values())
+    # Busy time (CPU minus polling an empty socket) is reported for both sides.
+    assert "initiator CPU us/IO (busy)" in out.stdout
+    for m in doc["medians"].values():
+        assert m["init_busy_us"] <= m["init_cpu_us"] + 0.5
+        assert m["target_busy_us"] <= m["target_cpu_us"] + 0.5
+    assert doc["medians"]["raw-4k-qd1"]["init_busy_us"] < doc["medians"]["raw-4k-qd1"]["init_cpu_us"]
     try:
         import matplotlib  # noqa: F401
     except ImportError:

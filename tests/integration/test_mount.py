@@ -93,6 +93,7 @@ def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp
     stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
     assert stats["controllers"][0]["state"] == "live"
     assert stats["bdevs"]["nvme0n1"]["num_write_ops"] > 0
+    assert 0 <= stats["poll_idle_s"] <= stats["cpu_s"] + 1
 
     m.umount()
     assert not os.path.ismount(m.path)

@@ -35,7 +35,7 @@ async def test_list_and_errors(target):
         await acall(ctl, "fault_command", action="explode")
     # The synchronous client works from a thread too.
     stats = await trio.to_thread.run_sync(call, ctl, "stats")
-    assert "cpu_s" in stats
+    assert "cpu_s" in stats and stats["poll_idle_s"] >= 0
 
 
 async def test_delay_command(target):
