@@ -18,7 +18,7 @@ from collections import deque
 from initiator import _structs as st
 from initiator._spec import DISCOVERY_NQN
 
-from .backends import Backend, parse_ns_spec, parse_size
+from .backends import Backend, parse_ns_spec, parse_size, zero_file
 from .config import SubsystemConfig, TargetConfig
 from .faults import FaultSet
 
@@ -32,7 +32,7 @@ class TargetError(Exception):
 
 class Namespace:
     __slots__ = ("nsid", "backend", "block_size", "lbads", "nblocks", "nguid", "eui64", "uuid",
-                 "spec", "fast", "hot", "_max_io")
+                 "spec", "fast", "hot", "zero_fd", "_max_io")
 
     def __init__(self, nsid: int, backend: Backend, block_size: int, subnqn: str, spec: str = "",
                  max_io: int = 1 << 20):
@@ -73,10 +73,12 @@ class Namespace:
         whole memory, MASK -1; null: a zero buffer of at least the largest transfer, MASK 0.
         None: no fast path. Rebuilt on resize (a RAM resize makes a new buffer)."""
         b = self.backend
+        self.zero_fd = None
         if b.kind == "ram":
             self.hot = (self.nblocks, self.lbads, b.mv, -1)
         elif b.kind == "null" and b.reserve(self._max_io):
             self.hot = (self.nblocks, self.lbads, b.zeros, 0)
+            self.zero_fd = zero_file(self._max_io)     # large reads: sendfile, no copy
         else:
             self.hot = None
 

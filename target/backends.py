@@ -95,6 +95,40 @@ class RamBackend(Backend):
         self.buf, self.mv, self.size = nb, memoryview(nb), new_size
 
 
+class FileRange:
+    """Bytes of a file to send with `os.sendfile` (page references, no copy into the socket):
+    an item of a queue's output list between ordinary buffers. `off`/`n` advance as parts are
+    sent. `bytes()` reads it (tests, and anything that must copy)."""
+
+    __slots__ = ("fd", "off", "n")
+
+    def __init__(self, fd: int, off: int, n: int):
+        self.fd, self.off, self.n = fd, off, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __bytes__(self) -> bytes:
+        return os.pread(self.fd, self.n, self.off)
+
+
+_zero_fd: int | None = None
+
+
+def zero_file(size: int) -> int | None:
+    """A memfd of at least `size` bytes that is never written (its pages read as zeros), shared
+    by the null namespaces for the life of the process (never closed: output lists may still
+    refer to it after a namespace is removed). None where memfd_create is missing."""
+    global _zero_fd
+    if not hasattr(os, "memfd_create"):
+        return None
+    if _zero_fd is None:
+        _zero_fd = os.memfd_create("blockfs-zeros", os.MFD_CLOEXEC)
+    if os.fstat(_zero_fd).st_size < size:
+        os.ftruncate(_zero_fd, size)
+    return _zero_fd
+
+
 class NullBackend(Backend):
     kind = "null"
 

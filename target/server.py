@@ -39,6 +39,7 @@ import trio
 from initiator._util import IdleMeter
 
 from ._queue import TargetQueue
+from .backends import FileRange
 from ._subsystem import TargetState
 from .config import TargetConfig
 from .faults import MALFORMED
@@ -56,6 +57,20 @@ def parse_hostport(text: str) -> tuple[str, int]:
         raise ValueError(f"bad listen address {text!r}: want HOST:PORT")
     host = host.strip("[]")
     return host or "127.0.0.1", int(port)
+
+
+def _consumed(out: list, batch: list, sent: int) -> None:
+    """Drop from `out` what a partial send of `batch` (a prefix of `out`) took."""
+    i = 0
+    for b in batch:
+        k = len(b)
+        if sent < k:
+            break
+        sent -= k
+        i += 1
+    del out[:i]
+    if sent:
+        out[0] = memoryview(out[0])[sent:]
 
 
 class Connection:
@@ -152,6 +167,7 @@ class Connection:
             except Exception as e:      # a bug must cost one connection, not the target
                 log.exception("connection %s: internal error", self.peer)
                 q.out.clear()
+                q.files = 0
                 q.fatal(1, 0, b"", f"internal error: {e!r}", e)
             self.flush()
             # While data keeps coming, give the other tasks (connections, timers, the control
@@ -188,28 +204,21 @@ class Connection:
             return
         sendmsg = self.sock.sendmsg
         try:
+            if self.q.files:
+                self._flush_files(out)
             while out:
                 batch = out if len(out) <= IOV_MAX else out[:IOV_MAX]
                 sent = sendmsg(batch)
-                total = sum(map(len, batch))
-                if sent == total:
+                if sent == sum(map(len, batch)):
                     if batch is out:
                         out.clear()
                     else:
                         del out[:IOV_MAX]
                     continue
-                i = 0
-                for b in batch:
-                    k = len(b)
-                    if sent < k:
-                        break
-                    sent -= k
-                    i += 1
-                del out[:i]
-                if sent:
-                    out[0] = memoryview(out[0])[sent:]
+                _consumed(out, batch, sent)
                 raise BlockingIOError
             self.q.views = False
+            self.q.files = 0
         except BlockingIOError:
             # Other queues run before the rest goes out: keep read data as it is now.
             self.q.materialize()
@@ -217,7 +226,37 @@ class Connection:
             self._need_write.set()
         except OSError as e:
             out.clear()
+            self.q.files = 0
             self.q.close(f"send failed: {e}")
+
+    def _flush_files(self, out: list) -> None:
+        """`flush` while `out` holds FileRanges: the buffers before each go out with one sendmsg
+        (MSG_MORE: the range follows), the range with sendfile. Raises BlockingIOError when
+        the socket is full; returns when no FileRange is left (plain buffers may remain)."""
+        q = self.q
+        sock = self.sock
+        fd = sock.fileno()
+        while out and q.files:
+            first = out[0]
+            if type(first) is FileRange:
+                sent = os.sendfile(fd, first.fd, first.off, first.n)
+                if sent < first.n:
+                    first.off += sent
+                    first.n -= sent
+                    raise BlockingIOError
+                del out[0]
+                q.files -= 1
+                continue
+            j = 1
+            while j < IOV_MAX and type(out[j]) is not FileRange:
+                j += 1
+            batch = out[:j]
+            sent = sock.sendmsg(batch, (), socket.MSG_MORE)
+            if sent == sum(map(len, batch)):
+                del out[:j]
+                continue
+            _consumed(out, batch, sent)
+            raise BlockingIOError
 
     def defer(self, seconds: float, bufs: list) -> None:
         if self._nursery is not None:

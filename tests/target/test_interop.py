@@ -50,3 +50,23 @@ async def test_initiator_sees_resize_event(target):
             assert await c.changed_ns_list() == [2]
             ns = await c.identify_namespace(2)
             assert isinstance(ns, st.IdentifyNamespace) and ns.nsze == 16 * 256
+
+
+async def test_initiator_mixed_null_reads(make_target):
+    """Concurrent small and large reads of a null namespace on one queue: the target sends the
+    large ones with sendfile between the small ones' buffers; each read gets its own zeros
+    (the buffers start dirty)."""
+    t = await make_target(namespaces=["null:1G:4096"])
+    with trio.fail_after(20):
+        async with open_controller("127.0.0.1", t.port, NQN, ControllerOptions()) as c:
+            results = []
+
+            async def rd(i, nlb):
+                buf = bytearray(b"\xEE" * (nlb * 4096))
+                await c.read(1, i * 300, nlb, memoryview(buf))
+                results.append(buf == bytes(nlb * 4096))
+            for _ in range(3):
+                async with trio.open_nursery() as n:
+                    for i, nlb in enumerate([1, 32, 2, 64, 256, 1, 16, 128, 3, 255]):
+                        n.start_soon(rd, i, nlb)
+            assert results == [True] * 30

@@ -213,6 +213,8 @@ async def test_null_backend(make_target):
         a, io = await _setup(t)
         assert (await io.write(1, 5, b"\x55" * 4096, 4096)).status == 0
         assert (await io.read(1, 5, 1, 4096)).data == bytes(4096)
+        # Large reads go out with sendfile from a zero memfd (tests/target/test_sendfile.py).
+        assert (await io.read(1, 0, 256, 4096)).data == bytes(1 << 20)
         await io.aclose()
         await a.aclose()
 
