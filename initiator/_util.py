@@ -1,5 +1,7 @@
-"""Small shared helpers for the trio shells: turning nursery ExceptionGroups back into the
-single typed error the caller expects (trio >= 0.25 always groups nursery errors)."""
+"""Small shared helpers for the trio shells (the initiator's, the target's, the frontends'):
+turning nursery ExceptionGroups back into the single typed error the caller expects (trio >= 0.25
+always groups nursery errors), the rest of a buffer list after a partial send, and the polling
+idle meter."""
 
 from __future__ import annotations
 
@@ -41,6 +43,21 @@ def single_errors():
         if e is eg:
             raise
         raise e from None
+
+
+def drop_sent(bufs: list, sent: int) -> None:
+    """Remove from the front of `bufs` the `sent` bytes a (partial) sendmsg of them took: whole
+    buffers go, a partly sent one becomes a view of its rest. Buffers are bytes-like with 1-byte
+    items (len() is their size)."""
+    i = 0
+    while sent:
+        k = len(bufs[i])
+        if sent < k:
+            bufs[i] = memoryview(bufs[i])[sent:]
+            break
+        sent -= k
+        i += 1
+    del bufs[:i]
 
 
 class IdleMeter:

@@ -43,7 +43,7 @@ from ._errors import (
 )
 from ._spec import RW_FUA
 from ._tcp import COMPLETION, DIGEST_ERROR_STATUS, IC_DONE, SEND, TERM, HostQueue
-from ._util import IdleMeter
+from ._util import IdleMeter, drop_sent
 
 _OPC_READ = 0x02
 _OPC_WRITE = 0x01
@@ -428,16 +428,7 @@ class Queue:
             if whole and n == sum(map(len, bufs)):
                 bufs.clear()
                 return True
-            i = 0
-            while n:
-                lb = len(bufs[i])
-                if n >= lb:
-                    n -= lb
-                    i += 1
-                else:
-                    bufs[i] = memoryview(bufs[i])[n:]
-                    n = 0
-            del bufs[:i]
+            drop_sent(bufs, n)
         return True
 
     async def _writer(self) -> None:

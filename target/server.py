@@ -36,7 +36,7 @@ from time import perf_counter
 
 import trio
 
-from initiator._util import IdleMeter
+from initiator._util import IdleMeter, drop_sent
 
 from ._queue import TargetQueue
 from .backends import FileRange
@@ -57,20 +57,6 @@ def parse_hostport(text: str) -> tuple[str, int]:
         raise ValueError(f"bad listen address {text!r}: want HOST:PORT")
     host = host.strip("[]")
     return host or "127.0.0.1", int(port)
-
-
-def _consumed(out: list, batch: list, sent: int) -> None:
-    """Drop from `out` what a partial send of `batch` (a prefix of `out`) took."""
-    i = 0
-    for b in batch:
-        k = len(b)
-        if sent < k:
-            break
-        sent -= k
-        i += 1
-    del out[:i]
-    if sent:
-        out[0] = memoryview(out[0])[sent:]
 
 
 class Connection:
@@ -215,7 +201,7 @@ class Connection:
                     else:
                         del out[:IOV_MAX]
                     continue
-                _consumed(out, batch, sent)
+                drop_sent(out, sent)
                 raise BlockingIOError
             self.q.views = False
             self.q.files = 0
@@ -255,7 +241,7 @@ class Connection:
             if sent == sum(map(len, batch)):
                 del out[:j]
                 continue
-            _consumed(out, batch, sent)
+            drop_sent(out, sent)
             raise BlockingIOError
 
     def defer(self, seconds: float, bufs: list) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from bdev._base import BdevError, IoType
+from initiator._util import drop_sent
 
 from ._protocol import (
     MAX_BLOCK,
@@ -530,16 +531,6 @@ class _Transmission:
 
     async def _send_all(self, buffers: list[Any]) -> None:
         sock = self.sock
+        buffers = list(buffers)
         while buffers:
-            batch = buffers[:_IOV_BATCH]
-            sent = await sock.sendmsg(batch)
-            i = 0
-            for buf in batch:
-                n = len(buf)
-                if sent < n:
-                    break
-                sent -= n
-                i += 1
-            if i < len(batch) and sent:
-                batch[i] = memoryview(batch[i])[sent:]
-            buffers = batch[i:] + buffers[_IOV_BATCH:]
+            drop_sent(buffers, await sock.sendmsg(buffers[:_IOV_BATCH]))

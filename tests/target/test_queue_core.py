@@ -40,15 +40,17 @@ def _stream(disable_sqflow):
     return b"".join(parts)
 
 
-def _target():
-    st = TargetState(TargetConfig(subsystems=[SubsystemConfig(nqn=NQN, namespaces=["ram:1M"])]))
+def _target(ns="ram:1M", **cfg):
+    """A target state with `ns` as namespace 1 and a controller enabled on its admin queue."""
+    st = TargetState(TargetConfig(subsystems=[SubsystemConfig(nqn=NQN, namespaces=[ns])], **cfg))
     a = TargetQueue(st)
     a.rx.receive_data(build_icreq())
     a.rx.receive_data(_cap(fab.connect_sqe(0, 31, 0), fab.connect_data(HOSTID, 0xFFFF, NQN, "nqn.h")))
     a.rx.receive_data(_cap(fab.property_set_sqe(Property.CC, CC_EN | CC_IOSQES | CC_IOCQES)))
     a.process()
     assert a.ctrl.cntlid == 1 and a.ctrl.ready
-    st.subsystems[NQN].namespaces[1].backend.write(0, bytes(range(256)) * 4096)
+    if ns.startswith("ram:"):
+        st.subsystems[NQN].namespaces[1].backend.write(0, bytes(range(256)) * 4096)
     return st
 
 
@@ -134,16 +136,8 @@ def test_read_then_write_in_one_batch_reads_the_old_data():
 
 def test_null_namespace_fast_path_and_its_limit():
     for mdts, hot in ((8, True), (0, False)):     # mdts 0: transfers beyond the zero buffer
-        st = TargetState(TargetConfig(mdts=mdts, subsystems=[
-            SubsystemConfig(nqn=NQN, namespaces=["null:8M:512"])]))
-        ns = st.subsystems[NQN].namespaces[1]
-        assert (ns.hot is not None) == hot
-        a = TargetQueue(st)
-        a.rx.receive_data(build_icreq())
-        a.rx.receive_data(_cap(fab.connect_sqe(0, 31, 0),
-                               fab.connect_data(HOSTID, 0xFFFF, NQN, "nqn.h")))
-        a.rx.receive_data(_cap(fab.property_set_sqe(Property.CC, CC_EN | CC_IOSQES | CC_IOCQES)))
-        a.process()
+        st = _target("null:8M:512", mdts=mdts)
+        assert (st.subsystems[NQN].namespaces[1].hot is not None) == hot
         q = _io_queue(st)
         big = 1 << 20 if hot else 4 << 20           # the largest transfer / beyond 2 MiB
         q.rx.receive_data(_cap(sqe(0x02, 1, 1, 100, 0, 7, data_len=4096))

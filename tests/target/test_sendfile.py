@@ -7,16 +7,10 @@ import types
 
 import trio
 
-from initiator import _fabrics as fab
-from initiator._pdu import build_icreq
-from initiator._spec import CC_EN, CC_IOCQES, CC_IOSQES, Property
-from target._queue import TargetQueue
-from target._subsystem import TargetState
 from target.backends import FileRange, zero_file
-from target.config import SubsystemConfig, TargetConfig
 from target.server import Connection
 
-from .test_queue_core import HOSTID, NQN, _cap, _io_queue, sqe
+from .test_queue_core import _cap, _io_queue, _target, sqe
 
 
 def _conn(q, sock):
@@ -34,15 +28,7 @@ def test_file_range_reads_zeros():
 
 
 def test_large_null_reads_stream_through_a_small_socket_buffer():
-    st = TargetState(TargetConfig(subsystems=[SubsystemConfig(nqn=NQN,
-                                                              namespaces=["null:64M:512"])]))
-    a = TargetQueue(st)
-    a.rx.receive_data(build_icreq())
-    a.rx.receive_data(_cap(fab.connect_sqe(0, 31, 0),
-                           fab.connect_data(HOSTID, 0xFFFF, NQN, "nqn.h")))
-    a.rx.receive_data(_cap(fab.property_set_sqe(Property.CC, CC_EN | CC_IOSQES | CC_IOCQES)))
-    a.process()
-    q = _io_queue(st)
+    q = _io_queue(_target("null:64M:512"))
     sizes = [4096, 256 << 10, 512, 1 << 20, 128 << 10, 4096]
     q.rx.receive_data(b"".join(_cap(sqe(0x02, cid, 1, cid * 4096, 0, n // 512 - 1, data_len=n))
                                for cid, n in enumerate(sizes, 1)))
