@@ -543,6 +543,8 @@ class Queue:
             self._die(ConnectionLost(f"{self.peer}: queue closed"))
         finally:
             self._reader_active = False
+            if idle.since:
+                idle.work(perf_counter())     # a stretch this reader opened ends with it
             if self._sendq and self._writer_parked:
                 self._writer_parked = False
                 reschedule(self._writer_task)

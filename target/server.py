@@ -92,6 +92,9 @@ class Connection:
                         cs.shield = True
                         await self._drain()
             finally:
+                idle = self.server.idle
+                if idle.since:
+                    idle.work(perf_counter())     # a polling stretch ends with its connection
                 self._close_socket()
                 q.finished()
                 self.server.conns.discard(self)

@@ -70,3 +70,7 @@ async def test_initiator_mixed_null_reads(make_target):
                     for i, nlb in enumerate([1, 32, 2, 64, 256, 1, 16, 128, 3, 255]):
                         n.start_soon(rd, i, nlb)
             assert results == [True] * 30
+        # Polling stretches end with the queues' readers: no idle time accrues after close.
+        from initiator.transport import POLL_IDLE
+        assert not POLL_IDLE.since
+        assert not t.idle.since
