@@ -33,6 +33,11 @@ Decisions:
   unavailable with direct_io (FUSE limitation).
 - max_tasks=64 (pyfuse3 worker tasks, i.e. requests in flight): enough for QD32 plus metadata;
   min_tasks/max_tasks between 1/33 and 40/128 measured the same.
+- Queued requests are read without waiting (`_ReadWithoutWaiting`, a replacement for pyfuse3's
+  module function `_wait_fuse_readable`): a worker that finds a request waiting (poll, timeout
+  0) reads it in the same scheduler pass, so the NVMe commands of a batch of requests go out
+  together. fio 4K randread QD32 on an NVMe file 13K -> 25K IOPS, on a RAM bdev's file 27K ->
+  33K. Where pyfuse3 lacks that function, one request per wake-up as before.
 - fallocate: pyfuse3 (3.5) has no fallocate handler, so the kernel would answer EOPNOTSUPP. The mount
   installs one into the libfuse session (`_FallocateHook`, ctypes), after checking the layout it
   patches; if that check fails it logs a warning and fallocate stays unsupported.
@@ -45,8 +50,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import inspect
 import logging
 import os
+import select
 import stat
 import struct
 import time
@@ -639,6 +646,83 @@ def _elf_symbols(path: str, wanted: set[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
+class _ReadWithoutWaiting:
+    """Lets a pyfuse3 worker read the next FUSE request at once when one is already waiting.
+
+    pyfuse3 (3.5) makes every worker wait for the /dev/fuse descriptor under one lock
+    (`_wait_fuse_readable`: `trio.lowlevel.wait_readable`), so it takes one request per scheduler
+    pass even when fio has 32 queued; each NVMe capsule then goes out in its own sendmsg. This
+    replaces that module function (pyfuse3's Cython loop looks it up by name on each call) with
+    one that first asks `poll(fd, 0)`: a waiting request is read in the same pass, so the workers
+    woken by one batch of NVMe completions reply, read the next requests and submit their
+    commands together (fuse-nvme-4k 13K -> 25K IOPS; the RAM bdev's file 27K -> 33K). Otherwise,
+    and every 16 requests read this way, it falls back to pyfuse3's wait, re-checking with poll
+    afterwards: a request announced by epoll may have been taken by a worker that did not wait,
+    and pyfuse3's blocking read must only start when a request is there.
+    `install` returns False (and changes nothing) when pyfuse3 lacks the function.
+    """
+
+    BURST = 16
+
+    def __init__(self, fd: int) -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        self._poll = poller.poll
+        self._orig: Any = None
+        self._burst = 0
+
+    def install(self) -> bool:
+        orig = getattr(pyfuse3, "_wait_fuse_readable", None)
+        if not inspect.iscoroutinefunction(orig):
+            log.info("pyfuse3 has no _wait_fuse_readable: one FUSE request per wake-up")
+            return False
+        self._orig = orig
+        pyfuse3._wait_fuse_readable = self._wait_fuse_readable
+        log.info("FUSE: queued requests are read without waiting (pyfuse3 hook installed)")
+        return True
+
+    def uninstall(self) -> None:
+        if self._orig is not None:
+            pyfuse3._wait_fuse_readable = self._orig
+            self._orig = None
+
+    async def _wait_fuse_readable(self) -> bool:
+        poll = self._poll
+        if poll(0):
+            self._burst += 1
+            if self._burst < self.BURST:
+                return True
+            self._burst = 0
+            await trio.lowlevel.checkpoint()     # let the rest of the process run now and then
+            if poll(0):
+                return True
+        while True:
+            if not await self._orig():
+                return False
+            if poll(0):
+                return True
+
+
+def _fuse_session_fd() -> int:
+    """The /dev/fuse descriptor of pyfuse3's session (libfuse `fuse_session_fd`)."""
+    path = pyfuse3.__file__
+    syms = _elf_symbols(path, {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session"})
+    if len(syms) != 2:
+        raise ValueError(f"symbols not found in {path}")
+    lib = ctypes.CDLL(path)
+    bias = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"][0]
+    session = ctypes.c_void_p.from_address(bias + syms["__pyx_v_7pyfuse3_session"][0]).value
+    if not session:
+        raise ValueError("no FUSE session (call after pyfuse3.init)")
+    fn = ctypes.CDLL("libfuse3.so.3").fuse_session_fd
+    fn.argtypes = (ctypes.c_void_p,)
+    fn.restype = ctypes.c_int
+    fd = fn(session)
+    if fd < 0 or os.path.realpath(f"/proc/self/fd/{fd}") != "/dev/fuse":
+        raise ValueError(f"fuse_session_fd gave {fd}, not /dev/fuse")
+    return fd
+
+
 _served = False
 
 
@@ -684,6 +768,12 @@ async def serve_fuse(
     hook = _FallocateHook(fs)
     hook.install()
     try:
+        fast = _ReadWithoutWaiting(_fuse_session_fd())
+        fast.install()
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("one FUSE request per wake-up (cannot find the session's descriptor: %s)", e)
+        fast = None
+    try:
         async with trio.open_nursery() as nursery:
             fs.attach(nursery)
             task_status.started(fs)
@@ -694,6 +784,8 @@ async def serve_fuse(
                 fs.detach()
                 nursery.cancel_scope.cancel()
     finally:
+        if fast is not None:
+            fast.uninstall()
         # Background tasks (fallocate replies, invalidation threads) are done: the session may go.
         fs.close()
         pyfuse3.close(unmount=True)

@@ -1,6 +1,7 @@
 """Test-only runner: MallocBdevs in a registry, served by blockfs.fuse.serve_fuse in this process.
 
     python tests/fuse/malloc_mount.py MOUNTPOINT [--read-only] [--fixture NAME] [--mode 0600]
+                                      [--read-delay-us US]
 
 Bdevs: malloc0 (64 MiB, 512-byte blocks, blank), malloc1 (16 MiB, 4096-byte blocks, blank) and, with
 --fixture, "fixture0" loaded from tests/fixtures/partitions/NAME.json.gz (examined at start).
@@ -63,9 +64,25 @@ async def control(registry: BdevRegistry, ctl: Path) -> None:
                     f.write(msg + "\n")
 
 
+class SlowMallocBdev(MallocBdev):
+    """Reads wait `delay` seconds first, as a device does (the FUSE worker parks meanwhile)."""
+
+    def __init__(self, *a, delay: float, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.delay = delay
+
+    async def _submit_read(self, ctx, lba, nblocks, buf) -> None:
+        await trio.sleep(self.delay)
+        await super()._submit_read(ctx, lba, nblocks, buf)
+
+
 async def main(args: argparse.Namespace) -> None:
     registry = BdevRegistry()
-    await registry.register(MallocBdev("malloc0", 64 * 2048, 512))
+    if args.read_delay_us:
+        await registry.register(SlowMallocBdev("malloc0", 64 * 2048, 512,
+                                               delay=args.read_delay_us / 1e6))
+    else:
+        await registry.register(MallocBdev("malloc0", 64 * 2048, 512))
     await registry.register(MallocBdev("malloc1", 16 * 256, 4096))
     if args.fixture:
         await registry.register(load_fixture(args.fixture))
@@ -107,6 +124,8 @@ if __name__ == "__main__":
     p.add_argument("--page-cache", action="store_true", help="direct_io off (for measurements)")
     p.add_argument("--max-tasks", type=int, default=64)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--read-delay-us", type=float, default=0.0,
+                   help="malloc0's reads wait this long first, like a real device")
     a = p.parse_args()
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
