@@ -81,9 +81,6 @@ _F_LAST_SUCCESS = 0x0C
 # C2HData headers (LAST_PDU|SUCCESS) by (length << 16 | CID): a read's header is the same bytes
 # every time its CID reads the same length (shared by all queues; immutable).
 _C2H_SUCCESS_HEADERS: dict[int, bytes] = {}
-# Null reads of at least this size go out with sendfile from a zero memfd instead of a copy of
-# a zero buffer (the copy was a third of the target's CPU at 128 KiB).
-_SENDFILE_MIN = 64 << 10
 DSM_AD = 1 << 2
 
 
@@ -223,7 +220,7 @@ class TargetQueue:
                 r += 72
                 nrd += 1
                 brd += n
-                if n >= _SENDFILE_MIN and not mask and ns.zero_fd is not None:
+                if not mask and ns.zero_fd is not None and n >= ns.sendfile_min:
                     # A large null read: the socket takes the zero pages by reference.
                     data = FileRange(ns.zero_fd, 0, n)
                     self.files += 1

@@ -32,10 +32,10 @@ class TargetError(Exception):
 
 class Namespace:
     __slots__ = ("nsid", "backend", "block_size", "lbads", "nblocks", "nguid", "eui64", "uuid",
-                 "spec", "fast", "hot", "zero_fd", "_max_io")
+                 "spec", "fast", "hot", "zero_fd", "sendfile_min", "_max_io")
 
     def __init__(self, nsid: int, backend: Backend, block_size: int, subnqn: str, spec: str = "",
-                 max_io: int = 1 << 20):
+                 max_io: int = 1 << 20, sendfile_min: int = 0):
         self.nsid = nsid
         self.backend = backend
         self.block_size = block_size
@@ -44,6 +44,7 @@ class Namespace:
         self.spec = spec
         self.fast = backend.kind in ("ram", "null")   # cannot fail: the queue's hot path may serve it
         self._max_io = max_io
+        self.sendfile_min = sendfile_min
         self._set_hot()
         h = hashlib.sha256(f"{subnqn}/{nsid}/{spec}".encode()).digest()
         self.nguid = h[:16]
@@ -71,14 +72,16 @@ class Namespace:
         """`hot`: what the queue's read fast path needs, in one tuple (NBLOCKS, LBADS, VIEW, MASK):
         a read of N bytes at byte offset OFF is VIEW[OFF & MASK : (OFF & MASK) + N]. RAM: the
         whole memory, MASK -1; null: a zero buffer of at least the largest transfer, MASK 0.
-        None: no fast path. Rebuilt on resize (a RAM resize makes a new buffer)."""
+        None: no fast path. Rebuilt on resize (a RAM resize makes a new buffer). `zero_fd`: a
+        zero memfd that null reads of `sendfile_min` bytes and more are sent from (None: off)."""
         b = self.backend
         self.zero_fd = None
         if b.kind == "ram":
             self.hot = (self.nblocks, self.lbads, b.mv, -1)
         elif b.kind == "null" and b.reserve(self._max_io):
             self.hot = (self.nblocks, self.lbads, b.zeros, 0)
-            self.zero_fd = zero_file(self._max_io)     # large reads: sendfile, no copy
+            if self.sendfile_min > 0:
+                self.zero_fd = zero_file(self._max_io)     # large reads: sendfile, no copy
         else:
             self.hot = None
 
@@ -114,7 +117,8 @@ class Subsystem:
         if nsid in self.namespaces:
             raise TargetError(f"NSID {nsid} already exists")
         backend, bs = parse_ns_spec(spec)
-        ns = Namespace(nsid, backend, bs, self.nqn, spec, max_io=self.target.max_io_bytes)
+        ns = Namespace(nsid, backend, bs, self.nqn, spec, max_io=self.target.max_io_bytes,
+                       sendfile_min=self.target.config.sendfile_min)
         self.namespaces[nsid] = ns
         self._changed(nsid)
         return ns

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-us", type=float, default=50.0, metavar="US",
                    help="a connection that received data within US microseconds polls for more "
                         "instead of sleeping in epoll (as SPDK polls; default 50, 0 = never)")
+    p.add_argument("--sendfile-min", type=int, default=0, metavar="BYTES",
+                   help="null reads of at least BYTES go out with sendfile from a zero memfd "
+                        "instead of a copy (default 0 = never: slower on loopback, docs/target.md)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -57,7 +60,7 @@ def config_from_args(a) -> TargetConfig:
                                     serial=a.serial)],
         control=a.control, mdts=a.mdts, io_in_capsule=a.in_capsule,
         max_h2c_data=a.max_h2c_data, queue_size=a.queue_size, max_io_queues=a.io_queues,
-        poll_us=max(a.poll_us, 0.0))
+        poll_us=max(a.poll_us, 0.0), sendfile_min=max(a.sendfile_min, 0))
 
 
 async def _run(config: TargetConfig) -> None:

@@ -31,3 +31,5 @@ class TargetConfig:
     firmware: str = "0.1"
     poll_us: float = 50.0                # a connection that received within this many us polls
                                          # (yield, retry recv) instead of sleeping; 0 = never
+    sendfile_min: int = 0                # null reads of at least this many bytes go out with
+                                         # sendfile from a zero memfd; 0 = never (docs/target.md)

@@ -54,9 +54,9 @@ async def test_initiator_sees_resize_event(target):
 
 async def test_initiator_mixed_null_reads(make_target):
     """Concurrent small and large reads of a null namespace on one queue: the target sends the
-    large ones with sendfile between the small ones' buffers; each read gets its own zeros
-    (the buffers start dirty)."""
-    t = await make_target(namespaces=["null:1G:4096"])
+    large ones with sendfile (--sendfile-min 64K) between the small ones' buffers; each read gets
+    its own zeros (the buffers start dirty)."""
+    t = await make_target(namespaces=["null:1G:4096"], sendfile_min=64 << 10)
     with trio.fail_after(20):
         async with open_controller("127.0.0.1", t.port, NQN, ControllerOptions()) as c:
             results = []

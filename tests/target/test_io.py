@@ -207,13 +207,16 @@ async def test_file_backend(make_target, tmp_path):
     assert (tmp_path / "new.img").read_bytes()[4096:8192] == b"\x33" * 4096
 
 
-async def test_null_backend(make_target):
-    t = await make_target(namespaces=["null:1G:4096"])
+@pytest.mark.parametrize("sendfile_min", [0, 64 << 10])
+async def test_null_backend(make_target, sendfile_min):
+    t = await make_target(namespaces=["null:1G:4096"], sendfile_min=sendfile_min)
+    assert (t.state.subsystems[NQN].namespaces[1].zero_fd is None) == (not sendfile_min)
     with trio.fail_after(10):
         a, io = await _setup(t)
         assert (await io.write(1, 5, b"\x55" * 4096, 4096)).status == 0
         assert (await io.read(1, 5, 1, 4096)).data == bytes(4096)
-        # Large reads go out with sendfile from a zero memfd (tests/target/test_sendfile.py).
+        # With sendfile_min, large reads go out with sendfile from a zero memfd
+        # (tests/target/test_sendfile.py); else a zero buffer is sent.
         assert (await io.read(1, 0, 256, 4096)).data == bytes(1 << 20)
         await io.aclose()
         await a.aclose()

@@ -28,7 +28,7 @@ def test_file_range_reads_zeros():
 
 
 def test_large_null_reads_stream_through_a_small_socket_buffer():
-    q = _io_queue(_target("null:64M:512"))
+    q = _io_queue(_target("null:64M:512", sendfile_min=64 << 10))
     sizes = [4096, 256 << 10, 512, 1 << 20, 128 << 10, 4096]
     q.rx.receive_data(b"".join(_cap(sqe(0x02, cid, 1, cid * 4096, 0, n // 512 - 1, data_len=n))
                                for cid, n in enumerate(sizes, 1)))
