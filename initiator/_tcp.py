@@ -10,7 +10,7 @@ a socket or a clock. The trio shell (`transport.py`) feeds it and acts on its ev
 - Commands: `alloc_cid()` takes a free command identifier; `command(cid, ...)` returns the list of
   buffers that carry the CapsuleCmd (header, digest, in-capsule data). A read registers its
   destination, into which C2HData payloads are streamed (`_framing.PduReceiver` sinks), so no
-  payload is copied twice. A write whose data does not fit in the capsule is answered by R2Ts:
+  payload is copied twice; `read_cmd` also takes an `FdSink` (a pipe) as destination. A write whose data does not fit in the capsule is answered by R2Ts:
   each R2T becomes a SEND event with H2CData PDUs no larger than MAXH2CDATA.
 - Completions: a CapsuleResp, or a C2HData with SUCCESS (an implicit CQE when SQ flow control is
   disabled), becomes a COMPLETION event; the command identifier is then free again. A command
@@ -28,6 +28,7 @@ import struct
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._framing import HOST_ACCEPTS, ST_ERROR, ST_HEADER, PduReceiver
+from ._sink import FdSink
 from ._pdu import (
     CH, CMD_PDU, DATA_HDR, DDGSTF, DIGEST, HDGSTF, LAST_PDU, RESP_PDU, SUCCESS, build_icreq,
     build_term_req, data_offset, parse_ic, parse_term_req,
@@ -162,7 +163,8 @@ class HostQueue:
         if self._active[cid]:
             raise LocalProtocolError(f"CID {cid} already in flight")
         if type(buf) is not memoryview or buf.format != "B":
-            buf = memoryview(buf).cast("B")
+            if type(buf) is not FdSink:
+                buf = memoryview(buf).cast("B")
         cap = self._cmd72[cid]
         RW_CMD.pack_into(cap, 0, _CMD, 0, 72, 0, 72, _OPC_READ, PSDT_SGL, cid, nsid, buf.nbytes,
                          SGL_TRANSPORT_DATA_BLOCK, slba, cdw12 & 0xFFFFFFFF)

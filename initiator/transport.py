@@ -8,7 +8,7 @@ These are the choices measured in docs/hot-path.md, with figures in docs/perform
   `wait_task_rescheduled` (its message preallocated per CID), `read_nowait`/`write_nowait`
   register a completion callback instead (no task per I/O).
 - The reader task receives with `recv_into` a preallocated buffer (or, for large payloads,
-  straight into the destination), takes every plain completion in one pass
+  straight into the destination, or with `splice` into the pipe of an `FdSink` destination), takes every plain completion in one pass
   (`HostQueue.completions`), the rest through `next_event()`, and wakes each waiter with
   `reschedule` and one shared wake value, or runs its callback. While commands are outstanding
   it polls (yields and retries) for `spin` seconds before sleeping in epoll; never when idle.
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import select
 import socket
 import types
 from time import perf_counter
@@ -41,6 +43,7 @@ from ._errors import (
     ConnectionLost, ConnectTimeout, DigestError, NvmeError, NvmeStatusError,
     RemoteProtocolError, TransportError,
 )
+from ._sink import FdSink
 from ._spec import RW_FUA
 from ._tcp import COMPLETION, DIGEST_ERROR_STATUS, IC_DONE, SEND, TERM, HostQueue
 from ._util import IdleMeter, drop_sent
@@ -65,6 +68,7 @@ _YIELD_EVERY = 8
 log = logging.getLogger(__name__)
 
 _IOV_MAX = 512
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 async def open_socket(host: str, port: int, timeout: float) -> socket.socket:
@@ -182,6 +186,10 @@ class Queue:
         self.epoch = 0
         self.submit_epoch = [0] * depth
         self.aborted = [False] * depth
+        # Reads into pipes (FdSink): the socket's descriptor for splice, and a poller that
+        # tells a full pipe from an empty socket.
+        self._fd = sock.fileno()
+        self._readable = None
 
     def _make_abort(self, cid: int):
         waiter = self._waiter
@@ -487,7 +495,7 @@ class Queue:
                         rx.received(n)
                     else:
                         view = sink
-                        n = recv_into(sink)
+                        n = recv_into(sink) if type(sink) is not FdSink else self._splice(sink)
                         if n:
                             rx.received_into_sink(n)
                     more = n == len(view)
@@ -548,6 +556,29 @@ class Queue:
             if self._sendq and self._writer_parked:
                 self._writer_parked = False
                 reschedule(self._writer_task)
+
+    def _splice(self, sink: FdSink) -> int:
+        """Move the next bytes of a payload whose destination is a pipe straight from the socket
+        into it (splice(2): page references, no copy); `_reader`'s recv_into for an FdSink.
+        Raises BlockingIOError when the socket is empty. When the pipe is full the rest of the
+        transfer is received into the sink's `spill` buffer instead (FdSink.overflow)."""
+        root = sink.root
+        if not root.overflow:
+            try:
+                n = os.splice(self._fd, root.fd, len(sink), flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                if self._readable is None:
+                    self._readable = select.poll()
+                    self._readable.register(self._fd, select.POLLIN)
+                if not self._readable.poll(0):
+                    raise                     # the socket is empty: wait as for recv
+                sink.overflowed()             # data is waiting, so the pipe is full
+            else:
+                root.written += n
+                return n
+        n = self.sock.recv_into(sink.spill_view(len(sink)))
+        root.spilled += n
+        return n
 
     def _send_or_hand_over(self) -> None:
         """Send what is queued now; if the socket is full, the writer task waits for room."""
