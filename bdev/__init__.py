@@ -3,7 +3,7 @@
 `bdev.gpt` and `bdev.mbr` (pure partition-table parsers) are imported on their own, not re-exported.
 """
 
-from ._base import Bdev, BdevDesc, BdevError, BdevEvent, IoChannel, IoType
+from ._base import Bdev, BdevDesc, BdevError, BdevEvent, FdSink, IoChannel, IoType
 from .examine import PartitionExamine, partition_name, read_partition_table
 from .malloc import MallocBdev
 from .part import PartBdev
@@ -15,6 +15,7 @@ __all__ = [
     "BdevError",
     "BdevEvent",
     "BdevRegistry",
+    "FdSink",
     "IoChannel",
     "IoType",
     "MallocBdev",

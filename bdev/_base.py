@@ -34,6 +34,10 @@ from typing import Any
 
 import trio
 
+# A read destination that is a pipe (splice from the socket): defined by the initiator, whose
+# transport fills it, and part of this layer's contract (read_blocks_nowait, `fd_reads`).
+from initiator._sink import FdSink
+
 __all__ = ["Bdev", "BdevDesc", "BdevError", "BdevEvent", "IoChannel", "IoType"]
 
 log = logging.getLogger(__name__)
@@ -143,6 +147,10 @@ class _RangeLock:
 
 class Bdev:
     """Base class of every block device. See docs/bdev-interface.md for the contract."""
+
+    # Extension: `read_blocks_nowait` also takes an `FdSink` (the data goes socket -> pipe with
+    # splice, no copy in this process). NVMe bdevs without digests and their partitions.
+    fd_reads = False
 
     def __init__(
         self,
@@ -432,11 +440,14 @@ class IoChannel:
         failed, and the caller redoes it with `read_blocks`, which applies the bdev's full error
         handling (retries, reconnects) and raises the final BdevError. `on_done` must not block
         or raise. NVMe bdevs implement it (a callback from the queue's reader); others say no.
+        `buf` may be an `FdSink` where `bdev.fd_reads` says so; after on_done(True) check its
+        `overflow` (the pipe had no room: redo the read into memory).
         """
         bdev = self.bdev
         if (self._closed or bdev.removed or lba < 0 or nblocks <= 0
                 or lba + nblocks > bdev.num_blocks or buf.nbytes != nblocks * bdev.block_size
-                or bdev._pieces(lba, nblocks, bdev._max_blocks()) is not None):
+                or bdev._pieces(lba, nblocks, bdev._max_blocks()) is not None
+                or (type(buf) is FdSink and not bdev.fd_reads)):
             return False
         t0 = perf_counter_ns()
 

@@ -75,6 +75,12 @@ class NvmeBdev(Bdev):
             return bool(oncs & 0x8) and not self._wz_unsupported   # ONCS bit 3: Write Zeroes
         return True
 
+    @property
+    def fd_reads(self) -> bool:            # type: ignore[override]
+        """Reads into pipes (FdSink): only without digests, whose CRCs need the bytes here."""
+        o = self.session.opts
+        return not (o.hdr_digest or o.data_digest)
+
     def _create_channel_ctx(self) -> Any:
         return next(self._rr)
 

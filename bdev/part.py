@@ -81,6 +81,10 @@ class PartBdev(Bdev):
     async def _submit_read(self, ctx: IoChannel, lba: int, nblocks: int, buf: memoryview) -> None:
         await ctx.read_blocks(lba + self.offset_blocks, nblocks, buf)
 
+    @property
+    def fd_reads(self) -> bool:            # type: ignore[override]
+        return self.base.fd_reads
+
     def _submit_read_nowait(self, ctx: IoChannel, lba: int, nblocks: int, buf: memoryview,
                             on_done) -> bool:
         return ctx.read_blocks_nowait(lba + self.offset_blocks, nblocks, buf, on_done)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from bdev import BdevError, IoType, MallocBdev, PartBdev
+from bdev import Bdev, BdevError, IoType, MallocBdev, PartBdev
 
 pytestmark = pytest.mark.trio
 
@@ -384,9 +384,51 @@ async def test_read_blocks_nowait_declines_splits_closed_removed_and_unsupported
     b.hot_remove()
     assert not ch.read_blocks_nowait(0, 1, memoryview(bytearray(512)), lambda ok: None)
     assert b.nowait_calls == 0
-    m = MallocBdev("m0", 64, 512)                      # the base class: not supported
+    m = Bdev("plain0", 512, 64)                        # the base class: not supported
     assert not m.get_io_channel().read_blocks_nowait(0, 1, memoryview(bytearray(512)),
                                                      lambda ok: None)
+
+
+async def test_malloc_read_nowait_copies_now_and_completes_a_pass_later():
+    m = MallocBdev("m0", 64, 512)
+    ch = m.get_io_channel()
+    await ch.write_blocks(3, 2, bytes(range(256)) * 4)
+    got = []
+    bufs = [memoryview(bytearray(1024)) for _ in range(3)]
+    for buf in bufs:
+        assert ch.read_blocks_nowait(3, 2, buf, got.append)
+    assert got == []                                   # never from inside the call
+    with trio.fail_after(5):
+        while len(got) < 3:
+            await trio.sleep(0)
+    assert got == [True] * 3
+    assert all(bytes(b) == bytes(range(256)) * 4 for b in bufs)
+    assert m.statistics()["num_read_ops"] == 3
+
+
+async def test_call_soon_runs_in_order_from_another_task_and_survives_a_failing_call():
+    from bdev._soon import call_soon
+    seen = []
+    me = trio.lowlevel.current_task()
+
+    def rec(x):
+        seen.append((x, trio.lowlevel.current_task() is me))
+
+    def boom(_x):
+        raise RuntimeError("consumer bug")
+    for i in range(3):
+        call_soon(rec, i)
+    call_soon(boom, None)
+    call_soon(rec, 3)
+    assert seen == []
+    with trio.fail_after(5):
+        while len(seen) < 4:
+            await trio.sleep(0)
+    assert seen == [(0, False), (1, False), (2, False), (3, False)]
+    call_soon(rec, 4)                                  # the parked task wakes again
+    with trio.fail_after(5):
+        while len(seen) < 5:
+            await trio.sleep(0)
 
 
 async def test_partition_read_nowait_goes_to_the_base_at_its_offset():
