@@ -68,6 +68,7 @@ class Daemon:
         self.started = time.time()
         self.hotplug = None
         self.discovery = None
+        self.fs = None          # the FUSE BlockFs while mounted
         self._next_index = 0
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
@@ -97,6 +98,7 @@ class Daemon:
                 "controllers": [s.statistics() for s in self.sessions],
                 "hotplug": self.hotplug.statistics() if self.hotplug else None,
                 "discovery": self.discovery.statistics() if self.discovery else None,
+                "fuse": self.fs.statistics() if self.fs is not None else None,
                 "bdevs": {b.name: b.statistics() for b in self.registry.bdevs()}}
 
     async def rpc_rescan(self, params):
@@ -179,7 +181,7 @@ class Daemon:
         if self.mountpoint:
             from .fuse import serve_fuse
             self._fuse_scope = trio.CancelScope()
-            await nursery.start(self._run_fuse, serve_fuse)
+            self.fs = await nursery.start(self._run_fuse, serve_fuse)
         if getattr(a, "nbd", None):
             from .nbd import serve_nbd
             host, port = parse_listen(a.nbd)

@@ -33,29 +33,27 @@ Decisions:
   unavailable with direct_io (FUSE limitation).
 - max_tasks=64 (pyfuse3 worker tasks, i.e. requests in flight): enough for QD32 plus metadata;
   min_tasks/max_tasks between 1/33 and 40/128 measured the same.
-- Queued requests are read without waiting (`_ReadWithoutWaiting`, a replacement for pyfuse3's
-  module function `_wait_fuse_readable`): a worker that finds a request waiting (poll, timeout
-  0) reads it in the same scheduler pass, so the NVMe commands of a batch of requests go out
-  together. fio 4K randread QD32 on an NVMe file 13K -> 25K IOPS, on a RAM bdev's file 27K ->
-  33K. Where pyfuse3 lacks that function, one request per wake-up as before.
-- fallocate: pyfuse3 (3.5) has no fallocate handler, so the kernel would answer EOPNOTSUPP. The mount
-  installs one into the libfuse session (`_FallocateHook`, ctypes), after checking the layout it
-  patches; if that check fails it logs a warning and fallocate stays unsupported.
+- Below pyfuse3 (blockfs/_libfuse.py, in libfuse's session through ctypes): 128 background
+  requests instead of the kernel's 12 (`max_background`; asynchronous direct I/O is background
+  I/O to FUSE, so QD32 would reach the device as QD12); a fallocate
+  handler (pyfuse3 3.5 has none: the kernel would answer EOPNOTSUPP); workers read queued
+  requests without waiting for the descriptor (so the NVMe commands of a batch of requests go
+  out together); and aligned reads of bdevs that can start one without a task (NVMe,
+  partitions, RAM) are started from the read callback and answered from their completion with
+  one writev to /dev/fuse, without a pyfuse3 worker, coroutine or task per read
+  (`serve_fuse(fast_reads=False)` turns that off). Each is checked before it is installed;
+  what fails the check is logged and left out, and pyfuse3's own paths serve.
 
 What it does not do: the CLI, daemonizing, or choosing bdevs (`serve_fuse` shows the registry as is).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
-import inspect
 import logging
 import os
-import select
 import stat
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -65,6 +63,10 @@ import trio
 from pyfuse3 import FUSEError
 
 from bdev import Bdev, BdevError, BdevRegistry, IoChannel, IoType
+
+from ._libfuse import (
+    ConnLimits, FallocateHook, FastReads, PyfuseSession, ReadWithoutWaiting, splice_pipe_size,
+)
 
 __all__ = ["BlockFs", "serve_fuse"]
 
@@ -78,6 +80,8 @@ ROOT = pyfuse3.ROOT_INODE
 # Read buffer reuse: at most this many idle buffers of one size, and new sizes only while the
 # pool holds less than _READ_BUF_BYTES.
 _READ_BUFS_PER_SIZE = 64
+# The largest FUSE request libfuse 3 negotiates (max_pages 256).
+_MAX_REQUEST = 1 << 20
 _READ_BUF_BYTES = 32 << 20
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
@@ -145,6 +149,7 @@ class BlockFs(pyfuse3.Operations):
         mode: int = 0o600,
         direct_io: bool = True,
         attr_timeout: float = 1.0,
+        fast_reads: bool = True,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -154,6 +159,8 @@ class BlockFs(pyfuse3.Operations):
         self.mode = (mode & 0o7777) & (~0o222 if read_only else 0o7777)
         self.direct_io = direct_io
         self.attr_timeout = attr_timeout
+        self.fast_reads = fast_reads
+        self.fast: Any = None          # the FastReads in the session's read slot, once mounted
         self._by_name: dict[bytes, _Entry] = {}
         self._by_inode: dict[int, _Entry] = {}
         self._handles: dict[int, _Handle] = {}
@@ -180,6 +187,10 @@ class BlockFs(pyfuse3.Operations):
 
     def detach(self) -> None:
         self._nursery = None
+
+    def statistics(self) -> dict:
+        """The read fast path's counters (blockfs/_libfuse.py FastReads), {} when it is off."""
+        return self.fast.statistics() if self.fast is not None else {}
 
     def close(self) -> None:
         self.registry.remove_listener(self._on_registry_event)
@@ -443,6 +454,12 @@ class BlockFs(pyfuse3.Operations):
         return buf
 
     @_errno_boundary
+    async def read_into(self, h: _Handle, off: int, buf: bytearray) -> None:
+        """A read the fast path could not finish (blockfs/_libfuse.py FastReads), redone with
+        the bdev's full error handling; errors leave as FUSEError like every handler's."""
+        await h.channel.readinto(off, memoryview(buf))
+
+    @_errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handles[fh]
         if self.read_only:
@@ -529,198 +546,28 @@ class BlockFs(pyfuse3.Operations):
         self._reexamine_soon(bdev)  # it may have wiped a partition table
 
 
-class _FallocateHook:
-    """Adds a fallocate handler to the live libfuse session that pyfuse3 created.
-
-    pyfuse3 fills a `struct fuse_lowlevel_ops` (its static `fuse_ops`) and `fuse_session_new` copies
-    it into the session; libfuse looks up `se->op.fallocate` on every FALLOCATE request. We find
-    both statics in pyfuse3's symbol table, find the copy inside the session by its exact bytes,
-    check the slots around `fallocate` hold what pyfuse3 3.x sets (so a different layout is refused,
-    never patched), and write a ctypes callback there. The callback runs on the trio thread inside
-    `fuse_session_process_buf`; it starts a task that does the I/O and answers with `fuse_reply_err`.
-    """
-
-    # struct fuse_lowlevel_ops slot numbers (fuse_lowlevel.h, libfuse 3.x; the ABI only appends)
-    _SLOTS = {"init": 0, "lookup": 2, "open": 14, "read": 15, "readdir": 21, "getlk": 31, "setlk": 32,
-              "bmap": 33, "ioctl": 34, "poll": 35, "write_buf": 36, "retrieve_reply": 37,
-              "forget_multi": 38, "flock": 39, "fallocate": 40, "readdirplus": 41}
-    _SET = ("init", "lookup", "open", "read", "poll", "write_buf", "forget_multi", "readdirplus")
-    _UNSET = ("readdir", "getlk", "setlk", "bmap", "ioctl", "retrieve_reply", "flock", "fallocate")
-    _CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_void_p)
-
-    def __init__(self, fs: BlockFs) -> None:
-        self.fs = fs
-        self._cb = self._CB(self._on_fallocate)  # must outlive the session
-        self._reply_err: Any = None
-
-    def install(self) -> bool:
-        try:
-            return self._install()
-        except (OSError, ValueError, KeyError, struct.error) as e:
-            log.warning("fallocate on the mount is unsupported (cannot extend pyfuse3: %s)", e)
-            return False
-
-    def _install(self) -> bool:
-        path = pyfuse3.__file__
-        syms = _elf_symbols(path, {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_fuse_ops", "__pyx_v_7pyfuse3_session"})
-        if len(syms) != 3:
-            raise ValueError(f"symbols not found in {path}")
-        lib = ctypes.CDLL(path)
-        bias = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"][0]
-        ops_addr = bias + syms["__pyx_v_7pyfuse3_fuse_ops"][0]
-        ops_size = syms["__pyx_v_7pyfuse3_fuse_ops"][1]
-        if ops_size < (self._SLOTS["readdirplus"] + 1) * 8:
-            raise ValueError(f"fuse_lowlevel_ops of {ops_size} bytes is too small")
-        if not self._layout_ok(ops_addr):
-            raise ValueError("pyfuse3's fuse_ops does not have the expected layout")
-        session = ctypes.c_void_p.from_address(bias + syms["__pyx_v_7pyfuse3_session"][0]).value
-        if not session:
-            raise ValueError("no FUSE session (call after pyfuse3.init)")
-        ops = ctypes.string_at(ops_addr, ops_size)
-        for off in range(0, 256, 8):  # `op` sits a few fields into struct fuse_session
-            if ctypes.string_at(session + off, ops_size) == ops:
-                break
-        else:
-            raise ValueError("the session's copy of fuse_ops was not found")
-        libfuse = ctypes.CDLL("libfuse3.so.3")
-        self._reply_err = libfuse.fuse_reply_err
-        self._reply_err.argtypes = (ctypes.c_void_p, ctypes.c_int)
-        self._reply_err.restype = ctypes.c_int
-        slot = ctypes.c_void_p.from_address(session + off + 8 * self._SLOTS["fallocate"])
-        slot.value = ctypes.cast(self._cb, ctypes.c_void_p).value
-        log.debug("fallocate handler installed in the FUSE session")
-        return True
-
-    def _layout_ok(self, ops_addr: int) -> bool:
-        def slot(name: str) -> int:
-            return ctypes.c_void_p.from_address(ops_addr + 8 * self._SLOTS[name]).value or 0
-
-        return all(slot(n) for n in self._SET) and not any(slot(n) for n in self._UNSET)
-
-    def _on_fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, fi: int) -> None:
-        # Called from C: nothing may escape. No nursery (not serving): fail the request.
-        try:
-            nursery = self.fs._nursery
-            if nursery is None:
-                self._reply_err(req, errno.EIO)
-                return
-            nursery.start_soon(self._run, req, ino, mode, offset, length)
-        except BaseException:
-            log.exception("fallocate dispatch failed")
-            self._reply_err(req, errno.EIO)
-
-    async def _run(self, req: int, ino: int, mode: int, offset: int, length: int) -> None:
-        err = errno.EINTR  # cancelled (unmount): still answer, while the session exists
-        try:
-            await self.fs.fallocate(ino, mode, offset, length)
-            err = 0
-        except FUSEError as e:
-            err = e.errno
-        finally:
-            self._reply_err(req, err)
-
-
-def _elf_symbols(path: str, wanted: set[str]) -> dict[str, tuple[int, int]]:
-    """{name: (st_value, st_size)} for `wanted` names in an ELF64 little-endian file's symbol tables."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ValueError(f"{path} is not a 64-bit little-endian ELF file")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    found: dict[str, tuple[int, int]] = {}
-    for _name, sh_type, _fl, _addr, offset, size, link, _info, _align, entsize in sections:
-        if sh_type not in (2, 11) or entsize != 24:  # SHT_SYMTAB, SHT_DYNSYM
-            continue
-        str_off = sections[link][4]
-        for pos in range(offset, offset + size, 24):
-            st_name, _info, _other, shndx, value, st_size = struct.unpack_from("<IBBHQQ", data, pos)
-            if not st_name or not shndx:
-                continue
-            end = data.index(b"\0", str_off + st_name)
-            name = data[str_off + st_name : end].decode("ascii", "replace")
-            if name in wanted:
-                found[name] = (value, st_size)
-    return found
-
-
-class _ReadWithoutWaiting:
-    """Lets a pyfuse3 worker read the next FUSE request at once when one is already waiting.
-
-    pyfuse3 (3.5) makes every worker wait for the /dev/fuse descriptor under one lock
-    (`_wait_fuse_readable`: `trio.lowlevel.wait_readable`), so it takes one request per scheduler
-    pass even when fio has 32 queued; each NVMe capsule then goes out in its own sendmsg. This
-    replaces that module function (pyfuse3's Cython loop looks it up by name on each call) with
-    one that first asks `poll(fd, 0)`: a waiting request is read in the same pass, so the workers
-    woken by one batch of NVMe completions reply, read the next requests and submit their
-    commands together (fuse-nvme-4k 13K -> 25K IOPS; the RAM bdev's file 27K -> 33K). Otherwise,
-    and every 16 requests read this way, it falls back to pyfuse3's wait, re-checking with poll
-    afterwards: a request announced by epoll may have been taken by a worker that did not wait,
-    and pyfuse3's blocking read must only start when a request is there.
-    `install` returns False (and changes nothing) when pyfuse3 lacks the function.
-    """
-
-    BURST = 16
-
-    def __init__(self, fd: int) -> None:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        self._poll = poller.poll
-        self._orig: Any = None
-        self._burst = 0
-
-    def install(self) -> bool:
-        orig = getattr(pyfuse3, "_wait_fuse_readable", None)
-        if not inspect.iscoroutinefunction(orig):
-            log.info("pyfuse3 has no _wait_fuse_readable: one FUSE request per wake-up")
-            return False
-        self._orig = orig
-        pyfuse3._wait_fuse_readable = self._wait_fuse_readable
-        log.info("FUSE: queued requests are read without waiting (pyfuse3 hook installed)")
-        return True
-
-    def uninstall(self) -> None:
-        if self._orig is not None:
-            pyfuse3._wait_fuse_readable = self._orig
-            self._orig = None
-
-    async def _wait_fuse_readable(self) -> bool:
-        poll = self._poll
-        if poll(0):
-            self._burst += 1
-            if self._burst < self.BURST:
-                return True
-            self._burst = 0
-            await trio.lowlevel.checkpoint()     # let the rest of the process run now and then
-            if poll(0):
-                return True
-        while True:
-            if not await self._orig():
-                return False
-            if poll(0):
-                return True
-
-
-def _fuse_session_fd() -> int:
-    """The /dev/fuse descriptor of pyfuse3's session (libfuse `fuse_session_fd`)."""
-    path = pyfuse3.__file__
-    syms = _elf_symbols(path, {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session"})
-    if len(syms) != 2:
-        raise ValueError(f"symbols not found in {path}")
-    lib = ctypes.CDLL(path)
-    bias = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"][0]
-    session = ctypes.c_void_p.from_address(bias + syms["__pyx_v_7pyfuse3_session"][0]).value
-    if not session:
-        raise ValueError("no FUSE session (call after pyfuse3.init)")
-    fn = ctypes.CDLL("libfuse3.so.3").fuse_session_fd
-    fn.argtypes = (ctypes.c_void_p,)
-    fn.restype = ctypes.c_int
-    fd = fn(session)
-    if fd < 0 or os.path.realpath(f"/proc/self/fd/{fd}") != "/dev/fuse":
-        raise ValueError(f"fuse_session_fd gave {fd}, not /dev/fuse")
-    return fd
+def _install_extras(fs: BlockFs, max_background: int, max_read: int) -> list[Any]:
+    """fallocate, reading queued requests without waiting, and the fast read path
+    (blockfs/_libfuse.py); what cannot be installed is logged and left out. Returns what must
+    be closed before the session is destroyed."""
+    try:
+        se = PyfuseSession.locate()
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("FUSE without fallocate, batched request reads and fast reads "
+                    "(cannot find pyfuse3's libfuse session: %s)", e)
+        return []
+    # The list also keeps the hooks alive: libfuse calls their ctypes callbacks until the
+    # session is destroyed (a collected callback is a jump into freed memory).
+    extras: list[Any] = [ConnLimits(se, max_background, max_read), FallocateHook(fs, se)]
+    waiting = ReadWithoutWaiting(se.fd)
+    if waiting.install():
+        extras.append(waiting)
+    if fs.fast_reads:
+        fs.fast = FastReads(fs, se)
+        extras.append(fs.fast)
+    for x in extras:
+        x.install()
+    return extras
 
 
 _served = False
@@ -739,6 +586,8 @@ async def serve_fuse(
     max_tasks: int = 64,
     fsname: str = "blockfs",
     debug: bool = False,
+    fast_reads: bool = True,
+    max_background: int = 128,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount `registry` at `mountpoint` and serve it until unmounted (returns) or cancelled
@@ -751,7 +600,8 @@ async def serve_fuse(
     if _served:
         raise RuntimeError("serve_fuse: pyfuse3 supports one mount per process")
     _served = True
-    fs = BlockFs(registry, read_only=read_only, uid=uid, gid=gid, mode=mode, direct_io=direct_io)
+    fs = BlockFs(registry, read_only=read_only, uid=uid, gid=gid, mode=mode, direct_io=direct_io,
+                 fast_reads=fast_reads)
     options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=blockfs", "default_permissions"}
     if allow_other:
         options.add("allow_other")
@@ -759,20 +609,19 @@ async def serve_fuse(
         options.add("ro")
     if debug:
         options.add("debug")
+    # Reads are spliced socket -> pipe -> /dev/fuse up to half a pipe (blockfs/_libfuse.py):
+    # where pipes are smaller than twice the largest request (1 MiB), ask for smaller reads.
+    pipe = splice_pipe_size() if fast_reads else 0
+    max_read = pipe // 2 if pipe and pipe < 2 * _MAX_REQUEST else 0
+    if max_read:
+        options.add(f"max_read={max_read}")   # the init answer must say the same (ConnLimits)
     mountpoint = os.fspath(mountpoint)
     try:
         pyfuse3.init(fs, mountpoint, options)
     except BaseException:
         fs.close()
         raise
-    hook = _FallocateHook(fs)
-    hook.install()
-    try:
-        fast = _ReadWithoutWaiting(_fuse_session_fd())
-        fast.install()
-    except (OSError, ValueError, AttributeError) as e:
-        log.warning("one FUSE request per wake-up (cannot find the session's descriptor: %s)", e)
-        fast = None
+    extras = _install_extras(fs, max_background, max_read)
     try:
         async with trio.open_nursery() as nursery:
             fs.attach(nursery)
@@ -784,8 +633,8 @@ async def serve_fuse(
                 fs.detach()
                 nursery.cancel_scope.cancel()
     finally:
-        if fast is not None:
-            fast.uninstall()
+        for x in extras:
+            x.close()        # no reply, read or callback of theirs after this
         # Background tasks (fallocate replies, invalidation threads) are done: the session may go.
         fs.close()
         pyfuse3.close(unmount=True)

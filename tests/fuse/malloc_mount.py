@@ -1,7 +1,7 @@
 """Test-only runner: MallocBdevs in a registry, served by blockfs.fuse.serve_fuse in this process.
 
     python tests/fuse/malloc_mount.py MOUNTPOINT [--read-only] [--fixture NAME] [--mode 0600]
-                                      [--read-delay-us US]
+                                      [--read-delay-us US] [--flaky] [--no-fast-reads]
 
 Bdevs: malloc0 (64 MiB, 512-byte blocks, blank), malloc1 (16 MiB, 4096-byte blocks, blank) and, with
 --fixture, "fixture0" loaded from tests/fixtures/partitions/NAME.json.gz (examined at start).
@@ -11,12 +11,16 @@ Control: write lines to MOUNTPOINT's sibling file `<mountpoint>.ctl`, then send 
     resize NAME NUM_BLOCKS      (MallocBdev.resize -> resize event)
     remove NAME                 (registry.unregister)
     add NAME NUM_BLOCKS BS      (a new blank MallocBdev)
+    gc                          (gc.collect(); answers with the libfuse hooks still alive)
+    stats                       (BlockFs.statistics(), JSON)
 Each command's outcome is appended to `<mountpoint>.ctl.out` ("ok ..." or "error ...").
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import gzip
 import json
 import logging
@@ -30,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bdev import BdevError, BdevRegistry, MallocBdev  # noqa: E402
+from bdev._soon import call_soon  # noqa: E402
 from blockfs.fuse import serve_fuse  # noqa: E402
 
 
@@ -42,7 +47,7 @@ def load_fixture(name: str) -> MallocBdev:
     return b
 
 
-async def control(registry: BdevRegistry, ctl: Path) -> None:
+async def control(registry: BdevRegistry, ctl: Path, fs_box: list) -> None:
     out = ctl.with_name(ctl.name + ".out")
     with trio.open_signal_receiver(signal.SIGUSR1) as signals:
         async for _ in signals:
@@ -57,6 +62,13 @@ async def control(registry: BdevRegistry, ctl: Path) -> None:
                         await registry.unregister(words[1])
                     elif words[0] == "add":
                         await registry.register(MallocBdev(words[1], int(words[2]), int(words[3])))
+                    elif words[0] == "gc":
+                        gc.collect()
+                        alive = sorted(type(o).__name__ for o in gc.get_objects()
+                                       if type(o).__module__ == "blockfs._libfuse")
+                        line = "gc " + " ".join(alive)
+                    elif words[0] == "stats":
+                        line = "stats " + json.dumps(fs_box[0].statistics())
                     msg = f"ok {line}"
                 except (BdevError, AttributeError, IndexError, ValueError) as e:
                     msg = f"error {line}: {e!r}"
@@ -65,7 +77,10 @@ async def control(registry: BdevRegistry, ctl: Path) -> None:
 
 
 class SlowMallocBdev(MallocBdev):
-    """Reads wait `delay` seconds first, as a device does (the FUSE worker parks meanwhile)."""
+    """Reads wait `delay` seconds first, as a device does (the FUSE worker parks meanwhile;
+    a read started without a task completes from a task that sleeps first)."""
+
+    nursery: trio.Nursery | None = None
 
     def __init__(self, *a, delay: float, **kw) -> None:
         super().__init__(*a, **kw)
@@ -75,12 +90,42 @@ class SlowMallocBdev(MallocBdev):
         await trio.sleep(self.delay)
         await super()._submit_read(ctx, lba, nblocks, buf)
 
+    def _submit_read_nowait(self, ctx, lba, nblocks, buf, on_done) -> bool:
+        if self.nursery is None:
+            return False
+        bs = self.block_size
+        buf[:] = self._mv[lba * bs:(lba + nblocks) * bs]
+
+        async def later() -> None:
+            await trio.sleep(self.delay)
+            on_done(True)
+        self.nursery.start_soon(later)
+        return True
+
+
+class FlakyMallocBdev(MallocBdev):
+    """Every read started without a task fails (on_done(False): the frontend must redo it with
+    the awaited path), and awaited reads touching blocks 0-7 fail with EIO."""
+
+    def _submit_read_nowait(self, ctx, lba, nblocks, buf, on_done) -> bool:
+        call_soon(on_done, False)
+        return True
+
+    async def _submit_read(self, ctx, lba, nblocks, buf) -> None:
+        if lba < 8:
+            await trio.lowlevel.checkpoint()
+            raise BdevError(errno.EIO, "injected read error")
+        await super()._submit_read(ctx, lba, nblocks, buf)
+
 
 async def main(args: argparse.Namespace) -> None:
     registry = BdevRegistry()
+    slow = None
     if args.read_delay_us:
-        await registry.register(SlowMallocBdev("malloc0", 64 * 2048, 512,
-                                               delay=args.read_delay_us / 1e6))
+        slow = SlowMallocBdev("malloc0", 64 * 2048, 512, delay=args.read_delay_us / 1e6)
+        await registry.register(slow)
+    elif args.flaky:
+        await registry.register(FlakyMallocBdev("malloc0", 64 * 2048, 512))
     else:
         await registry.register(MallocBdev("malloc0", 64 * 2048, 512))
     await registry.register(MallocBdev("malloc1", 16 * 256, 4096))
@@ -88,7 +133,10 @@ async def main(args: argparse.Namespace) -> None:
         await registry.register(load_fixture(args.fixture))
     ctl = Path(args.mountpoint + ".ctl")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(control, registry, ctl)
+        fs_box: list = []     # the BlockFs, once mounted
+        nursery.start_soon(control, registry, ctl, fs_box)
+        if slow is not None:
+            slow.nursery = nursery
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -106,12 +154,13 @@ async def main(args: argparse.Namespace) -> None:
                 mode=int(args.mode, 8),
                 direct_io=not args.page_cache,
                 max_tasks=args.max_tasks,
+                fast_reads=not args.no_fast_reads,
                 task_status=task_status,
             )
             print("UNMOUNTED", flush=True)  # `fusermount3 -u` ended the mount: serve_fuse returned
             nursery.cancel_scope.cancel()
 
-        await nursery.start(fuse)
+        fs_box.append(await nursery.start(fuse))
         print("READY", flush=True)
 
 
@@ -123,6 +172,9 @@ if __name__ == "__main__":
     p.add_argument("--mode", default="0600")
     p.add_argument("--page-cache", action="store_true", help="direct_io off (for measurements)")
     p.add_argument("--max-tasks", type=int, default=64)
+    p.add_argument("--no-fast-reads", action="store_true", help="every read through pyfuse3")
+    p.add_argument("--flaky", action="store_true",
+                   help="malloc0's task-less reads fail, and its blocks 0-7 give EIO")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--read-delay-us", type=float, default=0.0,
                    help="malloc0's reads wait this long first, like a real device")

@@ -191,6 +191,91 @@ def test_fallocate_punch_hole_zero_range_and_allocate(mount):
     assert os.stat(path).st_size == 64 * MIB
 
 
+def test_libfuse_hooks_outlive_a_garbage_collection(mount):
+    """libfuse calls the hooks' ctypes callbacks for as long as the session lives: after a
+    gc.collect() in the mount process every hook object is still there, and fallocate and the
+    fast reads still work (a collected callback is a jump into freed memory: a segfault)."""
+    out = mount.command("gc")
+    assert out.split()[2:] == sorted(["ConnLimits", "FallocateHook", "FastReads", "PyfuseSession",
+                                      "ReadWithoutWaiting"]), out
+    fd = os.open(mount / "malloc0", os.O_RDWR | os.O_DIRECT)
+    try:
+        for i in range(50):
+            fallocate(fd, FALLOC_FL_ZERO_RANGE, i * 8192, 8192)
+        buf = mmap.mmap(-1, 8192)
+        assert os.preadv(fd, [buf], 0) == 8192 and bytes(buf) == bytes(8192)
+    finally:
+        os.close(fd)
+
+
+def _stats(m) -> dict:
+    return json.loads(m.command("stats").split(" ", 2)[2])
+
+
+def _pread_direct(path, n: int, off: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, max(n, 4096))
+        got = os.preadv(fd, [memoryview(buf)[:n]], off)
+        return bytes(buf[:got])
+    finally:
+        os.close(fd)
+
+
+def test_fast_reads_aligned_handed_over_unaligned_and_at_the_end(mount):
+    """Whole-block reads are answered by the fast path (blockfs/_libfuse.py FastReads: no
+    pyfuse3 worker), others by pyfuse3's handler; both return the right bytes, on a disk and
+    at a partition's offset, including a read cut short by the end of the file."""
+    data = random.Random(7).randbytes(256 * 1024)
+    path = mount / "malloc0"
+    with open(path, "r+b") as f:
+        f.write(data)
+    s0 = _stats(mount)
+    assert _pread_direct(path, 65536, 4096) == data[4096:4096 + 65536]
+    assert _pread_direct(path, 4096, 512 * 3) == data[1536:1536 + 4096]
+    s1 = _stats(mount)
+    assert s1["fast_reads"] >= s0["fast_reads"] + 2 and s1["inflight"] == 0
+    with open(path, "rb") as f:                      # unaligned: pyfuse3's handler
+        f.seek(1000)
+        assert f.read(3000) == data[1000:4000]
+    assert _stats(mount)["handed_over"] > s1["handed_over"]
+    size = os.stat(path).st_size
+    with open(path, "r+b") as f:
+        f.seek(size - 8192)
+        f.write(data[:8192])
+    assert _pread_direct(path, 65536, size - 8192) == data[:8192]     # short: the file ends
+    assert _pread_direct(path, 4096, size) == b""
+    # A partition's file reads at the partition's offset in its disk (fixture0p2: block 10240).
+    with open(mount / "fixture0", "r+b") as f:
+        f.seek(10240 * 512)
+        f.write(data[:65536])
+    assert _pread_direct(mount / "fixture0p2", 65536, 0) == data[:65536]
+
+
+def test_fast_reads_redone_with_full_error_handling(make_mount):
+    """A task-less read that fails is redone with the awaited path, which gives the data or
+    the bdev's final error (EIO here) to the caller; the mount stays up."""
+    m = make_mount("--flaky")
+    path = m / "malloc0"
+    with open(path, "r+b") as f:
+        f.seek(8 * 512)
+        f.write(b"\x42" * 8192)
+    assert _pread_direct(path, 8192, 8 * 512) == b"\x42" * 8192
+    assert oserror(_pread_direct, path, 4096, 0) == errno.EIO
+    st = _stats(m)
+    assert st["redone"] >= 2 and st["inflight"] == 0
+    assert os.stat(path).st_size == 64 * MIB
+
+
+def test_without_fast_reads_every_read_goes_through_pyfuse3(make_mount):
+    m = make_mount("--no-fast-reads")
+    with open(m / "malloc0", "r+b") as f:
+        f.write(b"\x17" * 8192)
+    assert _pread_direct(m / "malloc0", 8192, 0) == b"\x17" * 8192
+    assert _stats(m) == {}
+    assert "read handler installed" not in m.log.read_text()
+
+
 def test_namespace_changes_are_refused(mount):
     p = mount.path
     assert oserror(os.open, p / "new", os.O_CREAT | os.O_WRONLY) == errno.EPERM

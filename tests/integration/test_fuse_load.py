@@ -1,8 +1,9 @@
 """`blockfs mount` under queued FUSE load, against the embedded target (a real NVMe/TCP path on
 127.0.0.1): fio keeps 2 x 32 requests queued, so pyfuse3's workers read requests without waiting
-for the descriptor (blockfs.fuse._ReadWithoutWaiting) and come back in batches as NVMe
-completions wake them. A request announced by epoll but already taken must not start a blocking
-read: the mount would hang with fio in uninterruptible sleep."""
+for the descriptor (blockfs._libfuse.ReadWithoutWaiting) and come back in batches as NVMe
+completions wake them; aligned reads take the fast path (FastReads) with up to 128 background
+requests (ConnLimits). A request announced by epoll but already taken must not start a
+blocking read: the mount would hang with fio in uninterruptible sleep."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def test_queued_fuse_reads_and_writes_complete(tmp_path):
                       timeout=60).stdout
             job = json.loads(out)["jobs"][0]
             assert job["error"] == 0 and job["read"]["total_ios"] > 5000
+            # Every aligned read took the fast path (no pyfuse3 worker; blockfs/_libfuse.py),
+            # and at QD 2 x 32 the kernel let more than its default 12 be outstanding.
+            stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
+            fuse = stats["fuse"]
+            assert fuse["fast_reads"] >= job["read"]["total_ios"] and fuse["inflight"] == 0
+            assert fuse["max_inflight"] > 12
             out = run("fio", "--output-format=json", f"--filename={f}", "--ioengine=libaio",
                       "--direct=1", "--bs=4k", "--iodepth=64", "--name=w", "--rw=randwrite",
                       "--size=8M", "--verify=crc32c", timeout=60).stdout
