@@ -16,7 +16,12 @@ request, so four things a block-device mount needs are done here, next to it:
   a waiting task (`IoChannel.read_blocks_nowait`: NVMe, partitions, RAM) is started from the
   callback, and its completion writes the reply straight to /dev/fuse (`fuse_out_header` +
   data with one `writev`) and frees the request with `fuse_reply_none`; no pyfuse3 worker,
-  coroutine or trio task per read. Anything else goes to pyfuse3's own handler.
+  coroutine or trio task per read. Reads of SPLICE_MIN bytes and more on a bdev with
+  `fd_reads` (NVMe without digests) go socket -> pipe -> /dev/fuse instead: the reply header is
+  written into a pipe, the payload spliced in behind it (`initiator._sink.FdSink`), and the
+  pipe spliced to /dev/fuse; a pipe that overflowed is drained and the reply sent with writev.
+  A failed read is redone by a task through `BlockFs.read_into` (FUSEError's one place).
+  Anything else goes to pyfuse3's own handler.
 
 How the session is found (`PyfuseSession.locate`): pyfuse3's statics `session` and
 `fuse_ops` by name from its ELF symbol table; libfuse's copy of the ops table inside
