@@ -323,3 +323,52 @@ async def test_read_into_a_pipe_sink(pair, pipe_size):
     finally:
         os.close(r)
         os.close(w)
+
+
+async def test_a_payload_trickling_in_is_spliced_in_whole_steps(pair, monkeypatch):
+    """A payload that arrives 1 KiB at a time must not be spliced 1 KiB at a time: each splice
+    takes pipe slots for the pages it cuts, and 256 small pieces would overflow a 1 MiB pipe.
+    The reader waits for a splice step (64 KiB, or the rest) before it splices."""
+    import fcntl
+    import os
+
+    from initiator._sink import FdSink
+    q, peer = pair
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except PermissionError:
+            pytest.skip("pipe-max-size below 1 MiB")
+        moved = []
+        real_splice = os.splice
+
+        def splice(*args, **kw):
+            k = real_splice(*args, **kw)
+            moved.append(k)
+            return k
+        monkeypatch.setattr(os, "splice", splice)
+        n = 256 * 1024
+        data = os.urandom(n)
+        sink = FdSink(w, n)
+        got = []
+        q.read_nowait(1, 0, n // 512, sink, got.append)
+        (cap,) = await peer.capsules(1)
+        pdu = c2h(cap[1], 0, data, success=True)
+        await peer.send(pdu[:24])
+        for off in range(24, len(pdu), 1024):
+            await peer.send(pdu[off:off + 1024])
+            await trio.sleep(0)                     # let the reader see each piece
+        with trio.fail_after(5):
+            while not got:
+                await trio.sleep(0.001)
+        assert got == [None]
+        assert not sink.overflow and sink.written == n
+        assert sum(moved) == n and min(moved[:-1], default=65536) >= 65536, moved
+        out = bytearray()
+        while len(out) < n:
+            out += os.read(r, n)
+        assert bytes(out) == data
+    finally:
+        os.close(r)
+        os.close(w)

@@ -45,6 +45,9 @@ def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp
     m = mount()
     with open(m.file("nvme0n1"), "rb") as f:
         assert f.read(16 << 20) == pat.read_bytes()
+    # ... and those large reads went socket -> pipe -> /dev/fuse (FastReads, FdSink)
+    fuse = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)["fuse"]
+    assert fuse["spliced"] >= 16 and fuse["redone"] == 0, fuse
 
     # sgdisk writes a GPT (in 512-byte sectors, on a file) -> p1/p2 appear with their sizes
     run("sgdisk", "-n", "1:2048:+8M", "-n", "2:0:+16M", m.file("nvme0n1"))
