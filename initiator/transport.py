@@ -537,7 +537,10 @@ class Queue:
                     finally:
                         self._reader_active = True
                         if lowat:
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                            try:
+                                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                            except OSError:
+                                pass          # closed meanwhile: the wait's error says so
                     continue
                 spin_end = 0.0
                 if idle.since:
