@@ -441,7 +441,7 @@ class IoChannel:
         handling (retries, reconnects) and raises the final BdevError. `on_done` must not block
         or raise. NVMe bdevs implement it (a callback from the queue's reader); others say no.
         `buf` may be an `FdSink` where `bdev.fd_reads` says so; after on_done(True) check its
-        `overflow` (the pipe had no room: redo the read into memory).
+        `overflow` (the pipe had no room: the transfer is whole after `drain_into_spill`).
         """
         bdev = self.bdev
         if (self._closed or bdev.removed or lba < 0 or nblocks <= 0

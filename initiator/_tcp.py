@@ -10,8 +10,9 @@ a socket or a clock. The trio shell (`transport.py`) feeds it and acts on its ev
 - Commands: `alloc_cid()` takes a free command identifier; `command(cid, ...)` returns the list of
   buffers that carry the CapsuleCmd (header, digest, in-capsule data). A read registers its
   destination, into which C2HData payloads are streamed (`_framing.PduReceiver` sinks), so no
-  payload is copied twice; `read_cmd` also takes an `FdSink` (a pipe) as destination. A write whose data does not fit in the capsule is answered by R2Ts:
-  each R2T becomes a SEND event with H2CData PDUs no larger than MAXH2CDATA.
+  payload is copied twice; `read_cmd` also takes an `FdSink` (a pipe) as destination. A write
+  whose data does not fit in the capsule is answered by R2Ts: each R2T becomes a SEND event
+  with H2CData PDUs no larger than MAXH2CDATA.
 - Completions: a CapsuleResp, or a C2HData with SUCCESS (an implicit CQE when SQ flow control is
   disabled), becomes a COMPLETION event; the command identifier is then free again. A command
   whose data digest failed completes with status DIGEST_ERROR_STATUS and its data is not to be used.

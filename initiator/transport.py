@@ -8,10 +8,11 @@ These are the choices measured in docs/hot-path.md, with figures in docs/perform
   `wait_task_rescheduled` (its message preallocated per CID), `read_nowait`/`write_nowait`
   register a completion callback instead (no task per I/O).
 - The reader task receives with `recv_into` a preallocated buffer (or, for large payloads,
-  straight into the destination, or with `splice` into the pipe of an `FdSink` destination), takes every plain completion in one pass
-  (`HostQueue.completions`), the rest through `next_event()`, and wakes each waiter with
-  `reschedule` and one shared wake value, or runs its callback. While commands are outstanding
-  it polls (yields and retries) for `spin` seconds before sleeping in epoll; never when idle.
+  straight into the destination, or with `splice` into the pipe of an `FdSink` destination),
+  takes every plain completion in one pass (`HostQueue.completions`), the rest through
+  `next_event()`, and wakes each waiter with `reschedule` and one shared wake value, or runs
+  its callback. While commands are outstanding it polls (yields and retries) for `spin`
+  seconds before sleeping in epoll; never when idle.
 - Output goes out with one `sendmsg` per batch, sent by the reader itself whenever it is running
   or polling (what callbacks and tasks submitted since its last pass); the writer task sends
   only while the reader sleeps, and waits for room when the socket is full.
@@ -28,7 +29,6 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import socket
 import termios
 import types
@@ -193,10 +193,8 @@ class Queue:
         self.epoch = 0
         self.submit_epoch = [0] * depth
         self.aborted = [False] * depth
-        # Reads into pipes (FdSink): the socket's descriptor for splice, and a poller that
-        # tells a full pipe from an empty socket.
+        # Reads into pipes (FdSink): the socket's descriptor for splice and SIOCINQ.
         self._fd = sock.fileno()
-        self._readable = None
         self._inq_buf = bytearray(4)
 
     def _make_abort(self, cid: int):
@@ -579,8 +577,9 @@ class Queue:
     def _splice(self, sink: FdSink) -> int:
         """Move the next bytes of a payload whose destination is a pipe straight from the socket
         into it (splice(2): page references, no copy); `_reader`'s recv_into for an FdSink.
-        Raises BlockingIOError when the socket is empty. When the pipe is full the rest of the
-        transfer is received into the sink's `spill` buffer instead (FdSink.overflow)."""
+        Raises BlockingIOError while less than a splice step is waiting. When the pipe is full
+        the rest of the transfer is received into the sink's `spill` buffer instead
+        (FdSink.overflow)."""
         root = sink.root
         if not root.overflow:
             if self._inq() < self._splice_step(sink):
@@ -588,12 +587,7 @@ class Queue:
             try:
                 n = os.splice(self._fd, root.fd, len(sink), flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                if self._readable is None:
-                    self._readable = select.poll()
-                    self._readable.register(self._fd, select.POLLIN)
-                if not self._readable.poll(0):
-                    raise                     # the socket is empty: wait as for recv
-                sink.overflowed()             # data is waiting, so the pipe is full
+                sink.overflowed()             # data is waiting (SIOCINQ), so the pipe is full
             else:
                 root.written += n
                 return n
