@@ -276,8 +276,6 @@ class ReadWithoutWaiting:
         self._burst = 0
 
     def install(self) -> bool:
-        if self._orig is not None:
-            return True
         orig = getattr(pyfuse3, "_wait_fuse_readable", None)
         if not inspect.iscoroutinefunction(orig):
             log.info("pyfuse3 has no _wait_fuse_readable: one FUSE request per wake-up")
@@ -377,9 +375,10 @@ class FastReads:
       already holds the reply's header (`FdSink`: the transport splices the payload from the
       socket into it), then one splice of the pipe to /dev/fuse. The data is copied once, in
       the kernel, from the socket's pages into the caller's; never into this process.
-    A read that cannot start so, or that the target answers with an error (or whose pipe
-    overflowed), is handed to pyfuse3's handler (`BlockFs.read`) or redone by a task with the
-    bdev's full error handling (`BlockFs.read_into`, errors translated at its one boundary).
+    A read whose pipe overflowed is answered from memory (FdSink.drain_into_spill). A read
+    that cannot start so is handed to pyfuse3's handler (`BlockFs.read`); one that the target
+    answers with an error is redone by a task with the bdev's full error handling
+    (`BlockFs.read_into`, errors translated at its one boundary).
     `close()` (before the session is destroyed) stops every later reply: a read completing after
     it frees nothing and writes nothing (the kernel has already failed it).
     """
@@ -401,7 +400,7 @@ class FastReads:
         # The largest transfer spliced (half a pipe; 0: off), and the pipes' size.
         self._pipe_size = splice_pipe_size() if splice else 0
         self._splice_max = self._pipe_size // 2
-        self.overflows = 0      # spliced reads redone because the pipe had no room
+        self.overflows = 0      # spliced reads whose pipe had no room (answered from memory)
         self._writev = os.writev
         self._fd = se.fd
         self._reply_none = se.reply_none
@@ -461,7 +460,7 @@ class FastReads:
                 if self._start_spliced(req, unique, h, off, n, pipe):
                     return True
                 os.read(pipe[0], 16)             # the header: the pipe is empty again
-                self._pipes.append(pipe)
+                self._idle_pipe(pipe)
         buf = self._take(n)
 
         def done(ok: bool) -> None:
@@ -601,7 +600,7 @@ class FastReads:
                 self._close_pipe(pipe)
                 self._redo_later(req, unique, h, off, self._take(n))
                 return
-            self._pipes.append(pipe)
+            self._idle_pipe(pipe)
             self.fast += 1
             self._reply(req, unique, data)
             self.inflight -= 1
@@ -612,14 +611,21 @@ class FastReads:
             # ENOENT: the request is gone (interrupted, or the caller was killed).
             log.debug("FUSE read reply for %d not delivered: %s", unique, e)
             moved = -1
-        if moved == 16 + n and len(self._pipes) < _PIPES:
-            self._pipes.append(pipe)
+        if moved == 16 + n:
+            self._idle_pipe(pipe)
         else:
             self._close_pipe(pipe)
         self.fast += 1
         self.spliced += 1
         self._reply_none(req)
         self.inflight -= 1
+
+    def _idle_pipe(self, pipe: tuple[int, int]) -> None:
+        """An emptied pipe: kept for the next spliced read, up to _PIPES idle ones."""
+        if len(self._pipes) < _PIPES:
+            self._pipes.append(pipe)
+        else:
+            self._close_pipe(pipe)
 
     @staticmethod
     def _close_pipe(pipe: tuple[int, int]) -> None:

@@ -558,10 +558,8 @@ def _install_extras(fs: BlockFs, max_background: int, max_read: int) -> list[Any
         return []
     # The list also keeps the hooks alive: libfuse calls their ctypes callbacks until the
     # session is destroyed (a collected callback is a jump into freed memory).
-    extras: list[Any] = [ConnLimits(se, max_background, max_read), FallocateHook(fs, se)]
-    waiting = ReadWithoutWaiting(se.fd)
-    if waiting.install():
-        extras.append(waiting)
+    extras: list[Any] = [ConnLimits(se, max_background, max_read), FallocateHook(fs, se),
+                         ReadWithoutWaiting(se.fd)]
     if fs.fast_reads:
         fs.fast = FastReads(fs, se)
         extras.append(fs.fast)

@@ -366,7 +366,7 @@ def test_fio_random_read_o_direct(mount):
 
 @pytest.mark.parametrize("read_delay_us", [0, 50])
 def test_queued_requests_under_load_with_metadata_in_between(make_mount, read_delay_us):
-    """The hook that reads queued FUSE requests without waiting (blockfs.fuse._ReadWithoutWaiting)
+    """The hook that reads queued FUSE requests without waiting (blockfs._libfuse.ReadWithoutWaiting)
     is installed, and under 2 x QD64 of verified O_DIRECT writes and reads, with stat and readdir
     from threads in between, every request is answered and the data is right. With reads that
     wait like a device's, workers come back in batches and find requests that an epoll wake-up
