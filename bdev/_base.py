@@ -299,10 +299,12 @@ class Bdev:
         raise BdevError(errno.EOPNOTSUPP, "read not implemented")
 
     def _submit_read_nowait(self, ctx: Any, lba: int, nblocks: int, buf: memoryview,
-                            on_done: Callable[[bool], None]) -> bool:
-        """Extension: start a read that completes through `on_done(ok)` without a task waiting
-        on it; False if it cannot start now (the caller then awaits `_submit_read`). `ok` False
-        means: redo it with the awaited path, which applies the full error handling."""
+                            on_done: Callable[[Any], None]) -> bool:
+        """Extension: start a read that completes through `on_done(err)` without a task waiting
+        on it; False if it cannot start now (the caller then awaits `_submit_read`). `err` is
+        None on success (the NVMe queue's own callback convention, so its completion calls the
+        channel's closure with no adapter between), else what failed (any object, only tested
+        against None): redo it with the awaited path, which applies the full error handling."""
         return False
 
     async def _submit_write(self, ctx: Any, lba: int, nblocks: int, data: memoryview, fua: bool) -> None:
@@ -444,19 +446,25 @@ class IoChannel:
         `overflow` (the pipe had no room: the transfer is whole after `drain_into_spill`).
         """
         bdev = self.bdev
+        bs = bdev.block_size
+        nbytes = nblocks * bs
+        maxb = bdev.max_io_bytes
         if (self._closed or bdev.removed or lba < 0 or nblocks <= 0
-                or lba + nblocks > bdev.num_blocks or buf.nbytes != nblocks * bdev.block_size
-                or bdev._pieces(lba, nblocks, bdev._max_blocks()) is not None
+                or lba + nblocks > bdev.num_blocks or buf.nbytes != nbytes
+                or (maxb and nblocks > maxb // bs)
+                or (bdev.optimal_io_boundary and bdev._pieces(lba, nblocks, 0) is not None)
                 or (type(buf) is FdSink and not bdev.fd_reads)):
             return False
         t0 = perf_counter_ns()
 
-        def done(ok: bool) -> None:
-            if ok:
+        def done(err: Any) -> None:
+            if err is None:
                 bdev._read_latency_ticks += perf_counter_ns() - t0
                 bdev._num_read_ops += 1
-                bdev._bytes_read += buf.nbytes
-            on_done(ok)
+                bdev._bytes_read += nbytes
+                on_done(True)
+            else:
+                on_done(False)
 
         return bdev._submit_read_nowait(self._ctx, lba, nblocks, buf, done)
 

@@ -76,7 +76,7 @@ class MallocBdev(Bdev):
         await trio.lowlevel.checkpoint()
 
     def _submit_read_nowait(self, ctx: Any, lba: int, nblocks: int, buf: memoryview,
-                            on_done: Callable[[bool], None]) -> bool:
+                            on_done: Callable[[Any], None]) -> bool:
         # Copied now (as `_submit_read` does), completed a scheduler pass later from another
         # task, as the nowait contract wants: frontends get the same path as for an NVMe bdev.
         # A subclass that changes how reads work (`_submit_read`) keeps them on that path.
@@ -84,7 +84,7 @@ class MallocBdev(Bdev):
             return False
         bs = self.block_size
         buf[:] = self._mv[lba * bs : (lba + nblocks) * bs]
-        call_soon(on_done, True)
+        call_soon(on_done, None)
         return True
 
     async def _submit_write(self, ctx: Any, lba: int, nblocks: int, data: memoryview, fua: bool) -> None:

@@ -19,6 +19,9 @@ from ._base import Bdev, BdevEvent, IoChannel, IoType
 
 __all__ = ["PartBdev"]
 
+# What a partition's nowait read reports when its base's failed (the hook wants a non-None err).
+_FAILED = "read failed on the base bdev"
+
 
 class PartBdev(Bdev):
     def __init__(
@@ -87,7 +90,9 @@ class PartBdev(Bdev):
 
     def _submit_read_nowait(self, ctx: IoChannel, lba: int, nblocks: int, buf: memoryview,
                             on_done) -> bool:
-        return ctx.read_blocks_nowait(lba + self.offset_blocks, nblocks, buf, on_done)
+        # The base channel counts its own statistics and answers ok; the hook answers err.
+        return ctx.read_blocks_nowait(lba + self.offset_blocks, nblocks, buf,
+                                      lambda ok: on_done(None if ok else _FAILED))
 
     async def _submit_write(self, ctx: IoChannel, lba: int, nblocks: int, data: memoryview, fua: bool) -> None:
         await ctx.write_blocks(lba + self.offset_blocks, nblocks, data, fua=fua)

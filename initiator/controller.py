@@ -149,6 +149,8 @@ class Controller:
         self.timeouts = 0
         self.last_error: str | None = None
         self._lost = trio.Event()
+        self.lost = False        # the controller is lost (set with _lost; a plain attribute for
+                                 # the hot path, which checks it on every submission)
         self._lost_reason: TransportError | None = None
         self._nursery: trio.Nursery | None = None
         self._closing = False
@@ -207,6 +209,7 @@ class Controller:
         if self._lost.is_set():
             return
         self._lost_reason = exc
+        self.lost = True
         self.last_error = str(exc)
         log.warning("controller %s:%d (%s) lost: %s", self.host, self.port, self.subnqn, exc)
         self._lost.set()
@@ -497,10 +500,6 @@ class Controller:
                 cb(ev)
 
     # -- loss and shutdown ------------------------------------------------------------------
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
-
     async def wait_lost(self) -> TransportError:
         await self._lost.wait()
         return self._lost_reason

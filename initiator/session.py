@@ -308,15 +308,15 @@ class Session:
 
     def read_nowait(self, nsid: int, slba: int, nlb: int, buf, on_done, qhint: int = 0) -> bool:
         """Start a read on the live controller without waiting (`Queue.read_nowait`); False if
-        there is none or its queue has no free slot. `on_done(ok)` runs in the queue's reader
-        task; ok False (any error) means: redo it with `read`, which retries and reconnects."""
+        there is none or its queue has no free slot. `on_done(exc)` runs in the queue's reader
+        task: None once `buf` holds the data, else the error; then redo it with `read`, which
+        retries and reconnects."""
         c = self.ctrl
         if c is None or self.state is not CtrlState.LIVE or c.lost:
             return False
         qs = c.io_queues
         try:
-            qs[qhint % len(qs)].read_nowait(nsid, slba, nlb, buf,
-                                            lambda exc: on_done(exc is None))
+            qs[qhint % len(qs)].read_nowait(nsid, slba, nlb, buf, on_done)
         except (trio.WouldBlock, NvmeError):
             return False
         return True

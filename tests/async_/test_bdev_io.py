@@ -339,7 +339,7 @@ class CallbackBdev(MallocBdev):
     def complete_all(self) -> None:
         pending, self.pending = self.pending, []
         for cb, ok in pending:
-            cb(ok)
+            cb(None if ok else "injected failure")   # the hook's convention: err or None
 
 
 async def test_read_blocks_nowait_completes_later_and_counts():

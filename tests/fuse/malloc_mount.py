@@ -98,17 +98,17 @@ class SlowMallocBdev(MallocBdev):
 
         async def later() -> None:
             await trio.sleep(self.delay)
-            on_done(True)
+            on_done(None)
         self.nursery.start_soon(later)
         return True
 
 
 class FlakyMallocBdev(MallocBdev):
-    """Every read started without a task fails (on_done(False): the frontend must redo it with
+    """Every read started without a task fails (on_done(err): the frontend must redo it with
     the awaited path), and awaited reads touching blocks 0-7 fail with EIO."""
 
     def _submit_read_nowait(self, ctx, lba, nblocks, buf, on_done) -> bool:
-        call_soon(on_done, False)
+        call_soon(on_done, "injected failure")
         return True
 
     async def _submit_read(self, ctx, lba, nblocks, buf) -> None:

@@ -689,7 +689,7 @@ class CallbackBdev(MallocBdev):
 
     async def completer(self) -> None:
         async for on_done, ok in self._recv:
-            on_done(ok)
+            on_done(None if ok else "injected failure")   # the hook's convention: err or None
 
 
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
