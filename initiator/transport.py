@@ -74,7 +74,10 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Splice at least this much at a time (or the payload's rest): a splice of what just arrived
 # cuts the socket's pages into more pipe slots, and a pipe that runs out of slots overflows
 # (FdSink). 1 MiB O_DIRECT dd through FUSE: 8 of the first 13 transfers overflowed without
-# it (and FUSE switched splicing off), none of 32 with it.
+# it (and FUSE switched splicing off), none of 32 with it. A receive window smaller than a
+# step (a young connection before autotuning, a small SO_RCVBUF) never lets a step arrive: the
+# kernel then reports the socket readable below SO_RCVLOWAT (tcp_epollin_ready: the window is
+# about to close), and the reader splices what is there once woken so (`_splice_short`).
 _SPLICE_STEP = 64 * 1024
 
 
@@ -196,6 +199,13 @@ class Queue:
         # Reads into pipes (FdSink): the socket's descriptor for splice and SIOCINQ.
         self._fd = sock.fileno()
         self._inq_buf = bytearray(4)
+        # Woken from a sleep on SO_RCVLOWAT: splice what is there even if less than a step
+        # (the window may be too small for a step to ever arrive). TCP only: its poll honours
+        # SO_RCVLOWAT, so such a wake-up below it means window pressure; AF_UNIX (the unit
+        # tests' socketpairs) ignores it and wakes on every byte.
+        self._lowat_honoured = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._splice_short = False
+        self.short_splices = 0
 
     def _make_abort(self, cid: int):
         waiter = self._waiter
@@ -532,6 +542,8 @@ class Queue:
                         if lowat:
                             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
                         await wait_readable(sock)
+                        if lowat and self._lowat_honoured:
+                            self._splice_short = True
                     finally:
                         self._reader_active = True
                         if lowat:
@@ -582,8 +594,12 @@ class Queue:
         (FdSink.overflow)."""
         root = sink.root
         if not root.overflow:
-            if self._inq() < self._splice_step(sink):
-                raise BlockingIOError         # less than a step is there: wait as for recv
+            inq = self._inq()
+            if inq < self._splice_step(sink):
+                if not (inq and self._splice_short):
+                    raise BlockingIOError     # less than a step is there: wait as for recv
+                self.short_splices += 1
+            self._splice_short = False
             try:
                 n = os.splice(self._fd, root.fd, len(sink), flags=_SPLICE_FLAGS)
             except BlockingIOError:
@@ -727,4 +743,5 @@ class Queue:
 
     def statistics(self) -> dict:
         return {"qid": self.qid, "depth": self.core.depth, "outstanding": self.core.outstanding,
-                "commands": self.commands, "closed": str(self._closed) if self._closed else None}
+                "commands": self.commands, "short_splices": self.short_splices,
+                "closed": str(self._closed) if self._closed else None}

@@ -374,3 +374,52 @@ async def test_a_payload_trickling_in_is_spliced_in_whole_steps(pair, monkeypatc
         # (the first bytes may come with the header's recv and be written, not spliced)
         assert min(moved[:-1], default=65536) >= 65536 and sum(moved) > n - 65536, moved
         assert read_pipe(r, n) == data
+
+
+async def test_a_receive_window_smaller_than_a_splice_step_still_completes(nursery):
+    """Over TCP with a receive buffer too small for a 64 KiB step to ever be waiting (a young
+    connection before autotuning, or a fixed SO_RCVBUF), the reader must splice what is there
+    once the kernel wakes it below SO_RCVLOWAT: waiting for a whole step deadlocked (the
+    target waits for window, the reader for a step). Found as a fresh mount whose first 1 MiB
+    fio reads at QD4 hung until the 30 s I/O timeout."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    a = socket.socket()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)    # fixed: no autotuning
+    a.connect(lsock.getsockname())
+    b, _ = lsock.accept()
+    lsock.close()
+    a.setblocking(False)
+    core = HostQueue(1, 8)
+    core.receive_data(icresp())
+    assert core.next_event()[0] == IC_DONE
+    q = Queue(a, core, "peer")
+    q.start(nursery)
+    peer = Peer(b)
+    try:
+        n = 256 * 1024
+        data = os.urandom(n)
+        with sized_pipe(1 << 20) as (r, w):
+            sink, got, cid = await start_pipe_read(q, peer, w, n)
+            out = bytearray()
+            async with trio.open_nursery() as inner:
+                inner.start_soon(peer.send, c2h(cid, 0, data, success=True))
+                with trio.fail_after(10):
+                    while not got:
+                        if not sink.overflow:
+                            try:
+                                out += os.read(r, 1 << 20)
+                            except BlockingIOError:
+                                pass
+                        await trio.sleep(0.001)
+            assert got == [None]
+            if sink.overflow:
+                assert bytes(sink.drain_into_spill(r)) == data
+            else:
+                assert bytes(out) + read_pipe(r, n - len(out)) == data
+            assert q.statistics()["short_splices"] > 0
+            assert q.core.outstanding == 0
+    finally:
+        q.close()
+        b.close()

@@ -81,3 +81,26 @@ def test_large_direct_reads_are_spliced_and_return_the_data(tmp_path, digest, ex
                 assert fuse["spliced"] >= 16, fuse
         finally:
             mounts.close()
+
+
+def test_queued_large_reads_on_a_fresh_connection_complete(tmp_path):
+    """fio's 1 MiB reads at QD4 straight after mounting: the connection's receive window is
+    still small (no autotuning yet), smaller than the 64 KiB the reader splices at a time, so
+    it must splice what the window lets through. Before, these reads hung until the 30 s I/O
+    timeout aborted them and the controller was reset."""
+    with EmbeddedTarget.start(("ram:16M:512",)) as et:
+        mounts = MountFactory(et, tmp_path)
+        try:
+            m = mounts()
+            f = m.file("nvme0n1")
+            out = run("fio", "--output-format=json", f"--filename={f}", "--ioengine=libaio",
+                      "--direct=1", "--bs=1m", "--iodepth=4", "--name=r", "--rw=read",
+                      "--size=16M", timeout=20).stdout
+            job = json.loads(out)["jobs"][0]
+            assert job["error"] == 0 and job["read"]["io_bytes"] == 16 << 20
+            stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
+            fuse = stats["fuse"]
+            assert fuse["redone"] == 0 and fuse["inflight"] == 0 and fuse["spliced"] >= 16
+            assert stats["controllers"][0]["reconnects"] == 0
+        finally:
+            mounts.close()

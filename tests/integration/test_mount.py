@@ -43,6 +43,13 @@ def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp
     m.umount()
     assert kt.wait_connections(0, 10.0) == 0          # no controller left behind
     m = mount()
+    # Queued 1 MiB O_DIRECT reads on the fresh connection (its receive window still small:
+    # the reader splices what the window lets through instead of waiting for whole steps)
+    out = run("fio", "--output-format=json", f"--filename={m.file('nvme0n1')}",
+              "--ioengine=libaio", "--direct=1", "--bs=1m", "--iodepth=4", "--name=r",
+              "--rw=read", "--size=16M", timeout=60).stdout
+    job = json.loads(out)["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] == 16 << 20
     with open(m.file("nvme0n1"), "rb") as f:
         assert f.read(16 << 20) == pat.read_bytes()
     # ... and those large reads went socket -> pipe -> /dev/fuse (FastReads, FdSink)
