@@ -110,6 +110,10 @@ class HostQueue:
         # Size of the last C2HData payload that was streamed into its destination: the shell
         # receives PDU headers on their own while payloads are large (zero copy for all of it).
         self.last_streamed = 0
+        # Set by completions(): the PLEN of the plain C2HData at the head of the buffer that is
+        # not wholly received yet (0: none). The shell may then receive more before calling
+        # next_event(), which would stream the rest through the general path.
+        self.cut = 0
 
     # -- connection set-up ------------------------------------------------------------------
     def icreq(self) -> bytes:
@@ -309,8 +313,10 @@ class HostQueue:
         other PDU, or one not wholly received, stops the loop: `next_event()` handles it (and
         its errors). Digests negotiated: nothing is taken here. Relies on PduReceiver's buffer
         layout (`_mv`, `_r`, `_w`, `_state`), as target/_queue.py does.
+        `cut` tells whether the loop stopped at such a C2HData whose bytes are not all here yet.
         """
         rx = self.rx
+        self.cut = 0
         if rx._state != ST_HEADER or self.hdgst or self.ddgst or rx.pda or self._events:
             return 0
         mv = rx._mv
@@ -330,10 +336,13 @@ class HostQueue:
             if ptype == _C2H:
                 cid = d0 & 0xFFFF
                 if (flags != _LAST_SUCCESS or hlen != 24 or pdo != 24 or plen != 24 + d2
-                        or not d2 or w - r < plen or cid >= depth or not active[cid]):
+                        or not d2 or cid >= depth or not active[cid]):
                     break
                 dest = rbuf[cid]
                 if dest is None or d1 != rxoff[cid] or d1 + d2 != dest.nbytes or derr[cid]:
+                    break
+                if w - r < plen:
+                    self.cut = plen
                     break
                 dest[d1:] = mv[r + 24:r + plen]
                 rbuf[cid] = None

@@ -89,6 +89,32 @@ async def test_read_returns_the_data(pair):
     assert q.core.outstanding == 0 and q.completions == 1
 
 
+async def test_a_small_c2hdata_cut_by_the_recv_boundary_is_taken_whole(pair):
+    """Half a 4 KiB C2HData, then (a moment later) the rest with a second one: the reader
+    waits for the cut PDU's rest in its buffer and takes both on the hot path
+    (HostQueue.completions, `cut`), never streaming through next_event's general path."""
+    q, peer = pair
+    resolved = []
+    general = q.core.rx.sink_resolver
+    q.core.rx.sink_resolver = lambda *a: resolved.append(a) or general(*a)
+    bufs = [bytearray(4096), bytearray(4096)]
+    got: list = []
+    for i, b in enumerate(bufs):
+        q.read_nowait(1, i * 8, 8, b, got.append)
+    caps = await peer.capsules(2)
+    pdus = b"".join(c2h(cap[1], 0, pattern(4096, 5 + k), success=True)
+                    for k, cap in enumerate(caps))
+    await peer.send(pdus[:2000])
+    await trio.sleep(0.01)
+    assert got == [] and q.core.cut == 24 + 4096
+    await peer.send(pdus[2000:])
+    with trio.fail_after(5):
+        while len(got) < 2:
+            await trio.sleep(0.001)
+    assert got == [None, None] and resolved == []
+    assert bufs == [pattern(4096, 5), pattern(4096, 6)] and q.core.outstanding == 0
+
+
 async def test_read_with_data_then_capsule_resp(pair):
     q, peer = pair
     buf = bytearray(1024)
