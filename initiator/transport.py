@@ -629,7 +629,10 @@ class Queue:
 
     def _dispatch(self) -> int:
         """Hand out every complete PDU buffered: wake waiters, run callbacks, queue H2CData.
-        Returns how many tasks were woken, or -1 when the target terminated the connection.
+        Returns how many tasks were woken, plus one when callbacks ran and submitted nothing
+        (their follow-up work comes from other tasks, e.g. the FUSE mount's next requests: the
+        reader lets them run; callbacks that resubmit, as in `blockfs bench`, keep it going),
+        or -1 when the target terminated the connection.
         Raises RemoteProtocolError (fatal) and, from callbacks, whatever they raise."""
         core = self.core
         done = self._done
@@ -638,6 +641,7 @@ class Queue:
         ready = self._ready
         woke = 0
         freed = 0
+        ran = False
         try:
             while True:
                 if core.completions(done):
@@ -660,6 +664,7 @@ class Queue:
                         for cb in ready:
                             cb(None)
                         ready.clear()
+                        ran = True
                 if 0 < core.cut < _ZERO_COPY_MIN:
                     # A small plain C2HData cut by the recv boundary: receive its rest with
                     # what follows and take it here whole next time, instead of streaming
@@ -695,6 +700,8 @@ class Queue:
             self.completions += freed
             if self._slots:
                 self._slots.unpark(count=freed)
+        if ran and not self._sendq:
+            woke += 1
         return woke
 
     async def _send_term_req(self, e: RemoteProtocolError) -> None:
