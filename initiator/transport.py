@@ -589,9 +589,10 @@ class Queue:
     def _splice(self, sink: FdSink) -> int:
         """Move the next bytes of a payload whose destination is a pipe straight from the socket
         into it (splice(2): page references, no copy); `_reader`'s recv_into for an FdSink.
-        Raises BlockingIOError while less than a splice step is waiting. When the pipe is full
-        the rest of the transfer is received into the sink's `spill` buffer instead
-        (FdSink.overflow)."""
+        Raises BlockingIOError while less than a splice step is waiting (on TCP, once woken
+        below SO_RCVLOWAT, what is there goes: the window may be smaller than a step). When
+        the pipe is full the rest of the transfer is received into the sink's `spill` buffer
+        instead (FdSink.overflow)."""
         root = sink.root
         if not root.overflow:
             inq = self._inq()
