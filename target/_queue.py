@@ -43,7 +43,7 @@ from initiator._errors import LocalProtocolError, RemoteProtocolError
 from initiator._fabrics import parse_connect_data
 from initiator._framing import PduReceiver, ST_HEADER as _RX_HEADER, TARGET_ACCEPTS
 from initiator._pdu import (
-    CH, CMD_PDU, DATA_HDR, DIGEST, RESP_PDU, build_capsule_resp, build_icresp, build_r2t,
+    CMD_PDU, DATA_HDR, DIGEST, RESP_PDU, build_capsule_resp, build_icresp, build_r2t,
     build_term_req, data_offset, data_pdu_header, parse_ic, parse_term_req,
 )
 from initiator._spec import (
