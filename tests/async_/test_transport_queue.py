@@ -63,15 +63,21 @@ class Peer:
             data = data[await self.sock.send(data):]
 
 
-@pytest.fixture
-async def pair(nursery):
-    a, b = socket.socketpair()
-    a.setblocking(False)
+def open_queue(sock: socket.socket, nursery) -> Queue:
+    """A started Queue on `sock`, past the ICReq/ICResp exchange."""
+    sock.setblocking(False)
     core = HostQueue(1, 8)
     core.receive_data(icresp())
     assert core.next_event()[0] == IC_DONE
-    q = Queue(a, core, "peer")
+    q = Queue(sock, core, "peer")
     q.start(nursery)
+    return q
+
+
+@pytest.fixture
+async def pair(nursery):
+    a, b = socket.socketpair()
+    q = open_queue(a, nursery)
     yield q, Peer(b)
     q.close()
     b.close()
@@ -332,6 +338,21 @@ async def start_pipe_read(q, peer, w: int, n: int):
     return sink, got, cap[1]
 
 
+async def wait_draining(r: int, sink: FdSink, got: list, timeout: float = 5) -> bytearray:
+    """Wait for the read's completion, taking what reaches the pipe meanwhile (until the sink
+    overflows: then the pipe is left for drain_into_spill)."""
+    out = bytearray()
+    with trio.fail_after(timeout):
+        while not got:
+            if not sink.overflow:
+                try:
+                    out += os.read(r, 1 << 20)
+                except BlockingIOError:
+                    pass
+            await trio.sleep(0.001)
+    return out
+
+
 def read_pipe(r: int, n: int) -> bytes:
     out = bytearray()
     while len(out) < n:
@@ -351,15 +372,7 @@ async def test_read_into_a_pipe_sink(pair, pipe_size):
         sink, got, cid = await start_pipe_read(q, peer, w, n)
         await peer.send(c2h(cid, 0, data[:n // 2], last=False),
                         c2h(cid, n // 2, data[n // 2:], success=True))
-        out = bytearray()
-        with trio.fail_after(5):
-            while not got:
-                if not sink.overflow:                  # a roomy pipe: drain as we go
-                    try:
-                        out += os.read(r, 1 << 20)
-                    except BlockingIOError:
-                        pass
-                await trio.sleep(0.001)
+        out = await wait_draining(r, sink, got)       # a roomy pipe: drained as we go
         assert got == [None]
         if pipe_size == 4096:
             assert sink.overflow and sink.written + sink.spilled == n
@@ -416,29 +429,16 @@ async def test_a_receive_window_smaller_than_a_splice_step_still_completes(nurse
     a.connect(lsock.getsockname())
     b, _ = lsock.accept()
     lsock.close()
-    a.setblocking(False)
-    core = HostQueue(1, 8)
-    core.receive_data(icresp())
-    assert core.next_event()[0] == IC_DONE
-    q = Queue(a, core, "peer")
-    q.start(nursery)
+    q = open_queue(a, nursery)
     peer = Peer(b)
     try:
         n = 256 * 1024
         data = os.urandom(n)
         with sized_pipe(1 << 20) as (r, w):
             sink, got, cid = await start_pipe_read(q, peer, w, n)
-            out = bytearray()
             async with trio.open_nursery() as inner:
                 inner.start_soon(peer.send, c2h(cid, 0, data, success=True))
-                with trio.fail_after(10):
-                    while not got:
-                        if not sink.overflow:
-                            try:
-                                out += os.read(r, 1 << 20)
-                            except BlockingIOError:
-                                pass
-                        await trio.sleep(0.001)
+                out = await wait_draining(r, sink, got, timeout=10)
             assert got == [None]
             if sink.overflow:
                 assert bytes(sink.drain_into_spill(r)) == data

@@ -20,29 +20,33 @@ pytestmark = pytest.mark.skipif(not (shutil.which("fio") and os.path.exists("/de
                                 reason="needs fio and FUSE")
 
 
+def fio(f: str, *job: str, timeout: float = 60) -> dict:
+    """One fio job (libaio, O_DIRECT) on `f`: its JSON result's first job."""
+    out = run("fio", "--output-format=json", f"--filename={f}", "--ioengine=libaio",
+              "--direct=1", *job, timeout=timeout).stdout
+    return json.loads(out)["jobs"][0]
+
+
+def mount_stats(m) -> dict:
+    return json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
+
+
 def test_queued_fuse_reads_and_writes_complete(tmp_path):
     with EmbeddedTarget.start(("ram:64M:512",)) as et:
         mounts = MountFactory(et, tmp_path)
         try:
             m = mounts()
             f = m.file("nvme0n1")
-            out = run("fio", "--output-format=json", f"--filename={f}", "--ioengine=libaio",
-                      "--direct=1", "--bs=4k", "--iodepth=32", "--group_reporting",
-                      "--name=r", "--rw=randread", "--numjobs=2", "--time_based",
-                      "--runtime=3",
-                      timeout=60).stdout
-            job = json.loads(out)["jobs"][0]
+            job = fio(f, "--bs=4k", "--iodepth=32", "--group_reporting", "--name=r",
+                      "--rw=randread", "--numjobs=2", "--time_based", "--runtime=3")
             assert job["error"] == 0 and job["read"]["total_ios"] > 5000
             # Every aligned read took the fast path (no pyfuse3 worker; blockfs/_libfuse.py),
             # and at QD 2 x 32 the kernel let more than its default 12 be outstanding.
-            stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
-            fuse = stats["fuse"]
+            fuse = mount_stats(m)["fuse"]
             assert fuse["fast_reads"] >= job["read"]["total_ios"] and fuse["inflight"] == 0
             assert fuse["max_inflight"] > 12
-            out = run("fio", "--output-format=json", f"--filename={f}", "--ioengine=libaio",
-                      "--direct=1", "--bs=4k", "--iodepth=64", "--name=w", "--rw=randwrite",
-                      "--size=8M", "--verify=crc32c", timeout=60).stdout
-            job = json.loads(out)["jobs"][0]
+            job = fio(f, "--bs=4k", "--iodepth=64", "--name=w", "--rw=randwrite", "--size=8M",
+                      "--verify=crc32c")
             assert job["error"] == 0 and job["read"]["total_ios"] == 2048
             assert os.stat(f).st_size == 64 << 20
         finally:
@@ -71,8 +75,7 @@ def test_large_direct_reads_are_spliced_and_return_the_data(tmp_path, digest, ex
             run("dd", f"if={f}", f"of={out}", "bs=1M", "iflag=direct", "status=none",
                 timeout=60)
             assert out.read_bytes() == data
-            fuse = json.loads(m.blockfs("ctl", "-S", m.control, "stats",
-                                        check=True).stdout)["fuse"]
+            fuse = mount_stats(m)["fuse"]
             assert fuse["redone"] == 0 and fuse["inflight"] == 0
             if digest:
                 assert fuse["spliced"] == 0 and fuse["fast_reads"] >= 16
@@ -93,12 +96,10 @@ def test_queued_large_reads_on_a_fresh_connection_complete(tmp_path):
         try:
             m = mounts()
             f = m.file("nvme0n1")
-            out = run("fio", "--output-format=json", f"--filename={f}", "--ioengine=libaio",
-                      "--direct=1", "--bs=1m", "--iodepth=4", "--name=r", "--rw=read",
-                      "--size=16M", timeout=20).stdout
-            job = json.loads(out)["jobs"][0]
+            job = fio(f, "--bs=1m", "--iodepth=4", "--name=r", "--rw=read", "--size=16M",
+                      timeout=20)
             assert job["error"] == 0 and job["read"]["io_bytes"] == 16 << 20
-            stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
+            stats = mount_stats(m)
             fuse = stats["fuse"]
             assert fuse["redone"] == 0 and fuse["inflight"] == 0 and fuse["spliced"] >= 16
             assert stats["controllers"][0]["reconnects"] == 0
