@@ -446,13 +446,10 @@ class IoChannel:
         `overflow` (the pipe had no room: the transfer is whole after `drain_into_spill`).
         """
         bdev = self.bdev
-        bs = bdev.block_size
-        nbytes = nblocks * bs
-        maxb = bdev.max_io_bytes
+        nbytes = nblocks * bdev.block_size
         if (self._closed or bdev.removed or lba < 0 or nblocks <= 0
                 or lba + nblocks > bdev.num_blocks or buf.nbytes != nbytes
-                or (maxb and nblocks > maxb // bs)
-                or (bdev.optimal_io_boundary and bdev._pieces(lba, nblocks, 0) is not None)
+                or bdev._pieces(lba, nblocks, bdev._max_blocks()) is not None
                 or (type(buf) is FdSink and not bdev.fd_reads)):
             return False
         t0 = perf_counter_ns()

@@ -630,10 +630,12 @@ class Queue:
 
     def _dispatch(self) -> int:
         """Hand out every complete PDU buffered: wake waiters, run callbacks, queue H2CData.
-        Returns how many tasks were woken, plus one when callbacks ran and submitted nothing
-        (their follow-up work comes from other tasks, e.g. the FUSE mount's next requests: the
-        reader lets them run; callbacks that resubmit, as in `blockfs bench`, keep it going),
-        or -1 when the target terminated the connection.
+        Returns how many tasks were woken, plus one when the callbacks of plain completions
+        (those `HostQueue.completions` takes) ran and submitted nothing (their follow-up work
+        comes from other tasks, e.g. the FUSE mount's next requests: the reader lets them run;
+        callbacks that resubmit, as in `blockfs bench`, keep it going), or -1 when the target
+        terminated the connection. Callbacks of completions taken by next_event() (errors,
+        large streamed or spliced reads) do not count.
         Raises RemoteProtocolError (fatal) and, from callbacks, whatever they raise."""
         core = self.core
         done = self._done
