@@ -8,7 +8,8 @@ These are the choices measured in docs/hot-path.md, with figures in docs/perform
   `wait_task_rescheduled` (its message preallocated per CID), `read_nowait`/`write_nowait`
   register a completion callback instead (no task per I/O).
 - The reader task receives with `recv_into` a preallocated buffer (or, for large payloads,
-  straight into the destination, or with `splice` into the pipe of an `FdSink` destination),
+  straight into the destination with the next PDU header behind it in one `recvmsg_into`, or
+  with `splice` into the pipe of an `FdSink` destination),
   takes every plain completion in one pass (`HostQueue.completions`), the rest through
   `next_event()`, and wakes each waiter with `reschedule` and one shared wake value, or runs
   its callback. While commands are outstanding it polls (yields and retries) for `spin`
@@ -484,6 +485,7 @@ class Queue:
         core = self.core
         rx = core.rx
         recv_into = sock.recv_into
+        recvmsg_into = sock.recvmsg_into
         sendq = self._sendq
         spin_end = 0.0
         idle = POLL_IDLE
@@ -509,12 +511,25 @@ class Queue:
                             view = rx.buffer()
                         n = recv_into(view)
                         rx.received(n)
-                    else:
-                        view = sink
-                        n = recv_into(sink) if type(sink) is not FdSink else self._splice(sink)
+                        more = n == len(view)
+                    elif type(sink) is FdSink:
+                        n = self._splice(sink)
                         if n:
                             rx.received_into_sink(n)
-                    more = n == len(view)
+                        more = n == len(sink)
+                    else:
+                        # The payload's rest straight into its destination and the next PDU
+                        # header behind it in the receive buffer, with one recvmsg (scatter):
+                        # one receive per large read instead of two.
+                        view = rx.buffer()[:_HEADER]
+                        n = recvmsg_into((sink, view))[0]
+                        k = len(sink)
+                        if n > k:
+                            rx.received_into_sink(k)
+                            rx.received(n - k)
+                        elif n:
+                            rx.received_into_sink(n)
+                        more = n == k + len(view)
                 except BlockingIOError:
                     if core.outstanding and self.spin:
                         # Poll while commands are outstanding (SPDK style): on these VMs an

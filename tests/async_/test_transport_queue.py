@@ -121,6 +121,54 @@ async def test_a_small_c2hdata_cut_by_the_recv_boundary_is_taken_whole(pair):
     assert bufs == [pattern(4096, 5), pattern(4096, 6)] and q.core.outstanding == 0
 
 
+class CountingSocket(socket.socket):
+    """Records what each scatter receive (`recvmsg_into`) took: (bytes, first buffer's size)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.scatters: list[tuple[int, int]] = []
+
+    def recvmsg_into(self, buffers, *a):
+        res = super().recvmsg_into(buffers, *a)
+        self.scatters.append((res[0], len(buffers[0])))
+        return res
+
+
+async def test_a_large_payload_and_the_next_header_come_in_one_receive(nursery):
+    """Large reads: the rest of a payload goes straight into its buffer and the next PDU's
+    header into the receive buffer with one recvmsg (one receive per read, not two); every
+    byte lands where it belongs, across back-to-back PDUs and a CapsuleResp behind them."""
+    a, b = socket.socketpair()
+    sock = CountingSocket(fileno=a.detach())
+    q = open_queue(sock, nursery)
+    peer = Peer(b)
+    try:
+        n = 32768
+        bufs = [bytearray(n) for _ in range(4)]
+        got: list = []
+        for i, buf in enumerate(bufs):
+            q.read_nowait(1, i * 64, n // 512, buf, got.append)
+        caps = await peer.capsules(4)
+        # The first one whole (it switches the reader to taking headers alone), then the
+        # others together, the last one's status in a CapsuleResp of its own.
+        await peer.send(c2h(caps[0][1], 0, pattern(n, 0), success=True))
+        with trio.fail_after(5):
+            while not got:
+                await trio.sleep(0.001)
+        await peer.send(c2h(caps[1][1], 0, pattern(n, 1), success=True),
+                        c2h(caps[2][1], 0, pattern(n, 2), success=True),
+                        c2h(caps[3][1], 0, pattern(n, 3)), resp(caps[3][1]))
+        with trio.fail_after(5):
+            while len(got) < 4:
+                await trio.sleep(0.001)
+        assert got == [None] * 4
+        assert bufs == [pattern(n, k) for k in range(4)] and q.core.outstanding == 0
+        assert any(took > first for took, first in sock.scatters), sock.scatters
+    finally:
+        q.close()
+        b.close()
+
+
 async def test_read_with_data_then_capsule_resp(pair):
     q, peer = pair
     buf = bytearray(1024)
