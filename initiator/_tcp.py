@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._framing import HOST_ACCEPTS, ST_ERROR, ST_HEADER, PduReceiver
+from ._framing import HOST_ACCEPTS, ST_ERROR, ST_HEADER, ST_PAYLOAD, PduReceiver
 from ._sink import FdSink
 from ._pdu import (
     CH, CMD_PDU, DATA_HDR, DDGSTF, DIGEST, HDGSTF, LAST_PDU, RESP_PDU, SUCCESS, build_icreq,
@@ -72,6 +72,9 @@ _CMD = int(PduType.CAPSULE_CMD)
 _H2C = int(PduType.H2C_DATA)
 _OPC_READ = 0x02
 _OPC_WRITE = 0x01
+# A plain C2HData whose payload is at least this large and not all received yet is streamed
+# into its destination by completions() itself (the shell's zero-copy threshold).
+STREAM_MIN = 16384
 _LAST_SUCCESS = LAST_PDU | SUCCESS
 
 
@@ -112,8 +115,13 @@ class HostQueue:
         self.last_streamed = 0
         # Set by completions(): the PLEN of the plain C2HData at the head of the buffer that is
         # not wholly received yet (0: none). The shell may then receive more before calling
-        # next_event(), which would stream the rest through the general path.
+        # next_event(), which would stream the rest through the general path. -1: a payload
+        # completions() streams is still arriving (next_event() has nothing to give).
         self.cut = 0
+        # The destination of a large plain C2HData that completions() started streaming (the
+        # receiver's `_sink` while it streams), and its CID: completions() also finishes it.
+        self._stream_sink = None
+        self._stream_cid = -1
 
     # -- connection set-up ------------------------------------------------------------------
     def icreq(self) -> bytes:
@@ -310,14 +318,19 @@ class HostQueue:
         a CapsuleResp (flags 0, HLEN 24, PDO 0, PLEN 24) for an outstanding command with a
         successful status and DW0 = DW1 = 0. Such a PDU passes every check of
         `PduReceiver.next_pdu` and of this class's slow path, so the outcome is the same. Any
-        other PDU, or one not wholly received, stops the loop: `next_event()` handles it (and
-        its errors). Digests negotiated: nothing is taken here. Relies on PduReceiver's buffer
-        layout (`_mv`, `_r`, `_w`, `_state`), as target/_queue.py does.
-        `cut` tells whether the loop stopped at such a C2HData whose bytes are not all here yet.
+        other PDU stops the loop: `next_event()` handles it (and its errors). Such a C2HData
+        not wholly received stops it too: one of at least STREAM_MIN bytes of data into a
+        memoryview is then streamed (the receiver set up as `next_pdu` and `_resolve_sink` would
+        set it, the payload received straight into the destination) and finished by a later
+        call once all of it is in, as `_continue_payload` and next_event() would finish it.
+        Digests negotiated: nothing is taken here. Relies on PduReceiver's buffer and streaming
+        layout (`_mv`, `_r`, `_w`, `_state`, `_sink`, `_sink_pos`, `_cur`), as target/_queue.py
+        relies on the buffer's. `cut` tells whether the loop stopped at a smaller such C2HData
+        whose bytes are not all here yet (its PLEN), or while a streamed payload arrives (-1).
         """
         rx = self.rx
         self.cut = 0
-        if rx._state != ST_HEADER or self.hdgst or self.ddgst or rx.pda or self._events:
+        if self.hdgst or self.ddgst or rx.pda or self._events:
             return 0
         mv = rx._mv
         r = rx._r
@@ -330,6 +343,37 @@ class HostQueue:
         free = self._free
         wdata = self._wdata
         n = 0
+        if rx._state != ST_HEADER:
+            # The end of a payload this method started streaming: what `_continue_payload`
+            # and next_event() would do for it (the PDU's checks were made at its start).
+            sink = rx._sink
+            if rx._state != ST_PAYLOAD or sink is None or sink is not self._stream_sink:
+                return 0
+            pos = rx._sink_pos
+            want = len(sink) - pos
+            if want:
+                have = w - r
+                if have < want:
+                    if have:
+                        sink[pos:pos + have] = mv[r:w]
+                        rx._sink_pos = pos + have
+                        rx._r = w
+                    self.cut = -1
+                    return 0
+                sink[pos:] = mv[r:r + want]
+                r += want
+                rx._sink_pos = pos + want
+            cid = self._stream_cid
+            self._stream_sink = None
+            self._stream_cid = -1
+            rx._state = ST_HEADER
+            rx._sink = None
+            rx._cur = None
+            rbuf[cid] = None
+            active[cid] = False
+            free.append(cid)
+            done.append(cid)
+            n = 1
         unpack = HDR24.unpack_from
         while w - r >= 24:
             ptype, flags, hlen, pdo, plen, d0, d1, d2, d3 = unpack(mv, r)
@@ -342,7 +386,26 @@ class HostQueue:
                 if dest is None or d1 != rxoff[cid] or d1 + d2 != dest.nbytes or derr[cid]:
                     break
                 if w - r < plen:
-                    self.cut = plen
+                    if d2 >= STREAM_MIN and type(dest) is memoryview:
+                        # A large payload still arriving: stream it into the destination
+                        # (the state next_pdu and _resolve_sink would set), and finish it
+                        # here once it is all in (the top of this method).
+                        sink = dest[d1:]
+                        have = w - r - 24
+                        if have:
+                            sink[:have] = mv[r + 24:w]
+                        rxoff[cid] = d1 + d2
+                        self.last_streamed = d2
+                        rx._cur = (_C2H, flags, bytes(mv[r:r + 24]))
+                        rx._sink = self._stream_sink = sink
+                        rx._sink_pos = have
+                        rx._pad = rx._dd = rx._crc = 0
+                        rx._state = ST_PAYLOAD
+                        self._stream_cid = cid
+                        self.cut = -1
+                        r = w
+                    else:
+                        self.cut = plen
                     break
                 dest[d1:] = mv[r + 24:r + plen]
                 rbuf[cid] = None
@@ -362,8 +425,8 @@ class HostQueue:
             free.append(cid)
             done.append(cid)
             n += 1
+        rx._r = r
         if n:
-            rx._r = r
             rx.pdus_received += n
             self.outstanding -= n
         return n

@@ -683,10 +683,12 @@ class Queue:
                             cb(None)
                         ready.clear()
                         ran = True
-                if 0 < core.cut < _ZERO_COPY_MIN:
+                cut = core.cut
+                if cut < 0 or 0 < cut < _ZERO_COPY_MIN:
                     # A small plain C2HData cut by the recv boundary: receive its rest with
                     # what follows and take it here whole next time, instead of streaming
-                    # it through next_event's general path (about 1 PDU in 16 at QD32).
+                    # it through next_event's general path (about 1 PDU in 16 at QD32); or a
+                    # large one that completions() streams and will finish (cut -1).
                     break
                 ev = core.next_event()
                 if ev is None:

@@ -8,7 +8,7 @@
   RemoteProtocolError the receiver stays in ERROR whatever arrives next.
 - The hot path (`HostQueue.completions()` before each `next_event()`, as the trio shell drains)
   gives exactly the events, errors and read data of `next_event()` alone, for valid, mutated and
-  plausible streams cut anywhere.
+  plausible streams cut anywhere, with and without large reads (whose payloads it streams).
 """
 
 from __future__ import annotations
@@ -301,10 +301,12 @@ def test_plausible_pdu_streams(digests, data, cuts, recv_into):
 # ---------------------------------------------------------------------------------------------
 # The hot path against the general one: same events, same errors, same data.
 
-def _differential(hd: bool, dd: bool, stream: bytes, cuts: list[int], recv_into: bool) -> None:
-    q0, bufs0 = busy_queue(hd, dd)
+def _differential(hd: bool, dd: bool, stream: bytes, cuts: list[int], recv_into: bool,
+                  queue=None) -> None:
+    queue = queue or busy_queue
+    q0, bufs0 = queue(hd, dd)
     expect, err0 = run(q0, stream, cuts, recv_into)
-    q1, bufs1 = busy_queue(hd, dd)
+    q1, bufs1 = queue(hd, dd)
     got, err1 = run(q1, stream, cuts, recv_into, fast=True)
     assert got == expect
     assert type(err1) is type(err0)
@@ -342,3 +344,52 @@ def test_fast_path_equivalent_on_plausible_streams(digests, data, cuts, recv_int
     hd, dd = digests
     pdus = data.draw(st.lists(plausible_pdu(hd, dd), min_size=1, max_size=12))
     _differential(hd, dd, b"".join(pdus), cuts, recv_into)
+
+
+# Large reads: completions() streams their payloads (STREAM_MIN) and finishes them itself.
+READ_L = 5
+LARGE = 40000
+
+
+def large_queue(hd: bool, dd: bool):
+    """busy_queue plus a 40000-byte read outstanding (CID 5)."""
+    q, bufs = busy_queue(hd, dd)
+    assert q.alloc_cid() == READ_L
+    bufs[READ_L] = bytearray(LARGE)
+    q.command(READ_L, IoOpcode.READ, 1, read_buf=memoryview(bufs[READ_L]))
+    return q, bufs
+
+
+def large_pdus(hd: bool, dd: bool, split: int) -> list[bytes]:
+    """The large read's data: one C2HData, or two split at `split` (the second one streamable
+    when it is the last and large)."""
+    data = pattern(LARGE, 9)
+    if not split:
+        return [c2h(READ_L, 0, data, success=True, hdgst=hd, ddgst=dd)]
+    return [c2h(READ_L, 0, data[:split], last=False, hdgst=hd, ddgst=dd),
+            c2h(READ_L, split, data[split:], success=True, hdgst=hd, ddgst=dd)]
+
+
+@FUZZ
+@given(digests=DIGESTS, at=st.integers(0, 9), split=st.sampled_from([0, 0, 1000, 30000]),
+       muts=st.lists(MUTATION, max_size=3), cuts=st.lists(st.integers(0, 90000), max_size=12),
+       recv_into=st.booleans())
+def test_fast_path_equivalent_with_large_reads(digests, at, split, muts, cuts, recv_into):
+    hd, dd = digests
+    pdus = valid_pdus(hd, dd)
+    pdus[at:at] = large_pdus(hd, dd, split)
+    _differential(hd, dd, mutate(pdus, muts), cuts, recv_into, queue=large_queue)
+
+
+@FUZZ
+@given(at=st.integers(0, 9), which=st.integers(0, 10), mut=header_mutation(),
+       cuts=st.lists(st.integers(0, 90000), max_size=8), recv_into=st.booleans())
+def test_fast_path_equivalent_with_a_large_read_and_one_header_byte_changed(at, which, mut, cuts,
+                                                                            recv_into):
+    pdus = valid_pdus(False, False)
+    pdus[at:at] = large_pdus(False, False, 0)
+    kind, pos, val, _ = mut
+    p = bytearray(pdus[which])
+    p[pos] = (p[pos] ^ (val or 1)) if kind == "flip" else val
+    pdus[which] = bytes(p)
+    _differential(False, False, b"".join(pdus), cuts, recv_into, queue=large_queue)

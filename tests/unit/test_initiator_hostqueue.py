@@ -332,3 +332,35 @@ def test_large_read_streams_straight_into_the_buffer():
             events.append(ev)
     assert events == [(COMPLETION, cid, 0, 0, 0)]
     assert buf == data
+
+
+def test_a_large_c2hdata_arriving_in_pieces_is_streamed_and_finished_by_the_hot_path():
+    """completions() starts streaming a large plain C2HData from its header (the general
+    parser and sink resolver never see it), the rest of the payload goes straight into the
+    destination (payload_sink), bytes left in the receive buffer are moved into it, and a later
+    completions() call finishes the read and goes on with the PDUs behind it."""
+    q = connected()
+    resolved = []
+    general = q.rx.sink_resolver
+    q.rx.sink_resolver = lambda *a: resolved.append(a) or general(*a)
+    n = 65536
+    big = memoryview(bytearray(n))
+    small = memoryview(bytearray(512))
+    cid, cid2 = q.alloc_cid(), q.alloc_cid()
+    q.command(cid, IoOpcode.READ, 1, read_buf=big)
+    q.command(cid2, IoOpcode.READ, 1, read_buf=small)
+    data = pattern(n, 3)
+    stream = c2h(cid, 0, data, success=True) + c2h(cid2, 0, pattern(512, 4), success=True)
+    done: list = []
+    q.receive_data(stream[:24 + 1000])                  # the header and some payload
+    assert q.completions(done) == 0 and q.cut == -1 and q.next_event() is None
+    sink = q.rx.payload_sink()                           # the rest: straight into `big`
+    assert sink is not None and len(sink) == n - 1000
+    sink[:30000] = data[1000:31000]
+    q.rx.received_into_sink(30000)
+    assert q.completions(done) == 0 and q.cut == -1
+    q.receive_data(stream[24 + 31000:])                  # the rest in the buffer, then cid2
+    assert q.completions(done) == 2 and done == [cid, cid2] and q.cut == 0
+    assert bytes(big) == data and bytes(small) == pattern(512, 4)
+    assert resolved == [] and q.outstanding == 0 and q.next_event() is None
+    assert q.rx.pdus_received == 3                       # ICResp and the two C2HData
