@@ -46,6 +46,7 @@ import logging
 import os
 import select
 import struct
+from time import perf_counter
 from typing import Any
 
 import pyfuse3
@@ -53,6 +54,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from bdev import FdSink
+from initiator.transport import POLL_IDLE
 
 __all__ = ["ConnLimits", "FallocateHook", "FastReads", "PyfuseSession", "ReadWithoutWaiting",
            "elf_symbols", "splice_pipe_size"]
@@ -296,6 +298,11 @@ class ReadWithoutWaiting:
     async def _wait_fuse_readable(self) -> bool:
         poll = self._poll
         if poll(0):
+            # A request to handle: work, so a polling stretch of the NVMe readers ends here
+            # (the process's busy time, IdleMeter), not when their socket next has data.
+            idle = POLL_IDLE
+            if idle.since:
+                idle.work(perf_counter())
             self._burst += 1
             if self._burst < self.BURST:
                 return True
@@ -307,6 +314,9 @@ class ReadWithoutWaiting:
             if not await self._orig():
                 return False
             if poll(0):
+                idle = POLL_IDLE
+                if idle.since:
+                    idle.work(perf_counter())
                 return True
 
 

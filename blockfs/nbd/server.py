@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 from collections import deque
+from time import perf_counter
 from typing import Any
 
 import trio
@@ -34,6 +35,7 @@ from trio.lowlevel import wait_readable, wait_writable
 
 from bdev._base import BdevError, IoType
 from initiator._util import drop_sent
+from initiator.transport import POLL_IDLE
 
 from ._protocol import (
     MAX_BLOCK,
@@ -399,6 +401,10 @@ class _Transmission:
                 if not n:
                     return  # client hung up without NBD_CMD_DISC
                 reader.commit(n)
+                if POLL_IDLE.since:
+                    # Requests to handle: a polling stretch of the NVMe readers (busy time,
+                    # IdleMeter) ends here, not when their socket next has data.
+                    POLL_IDLE.work(perf_counter())
                 received += 1
                 if received >= _YIELD_EVERY:
                     # A client that keeps sending still lets the writer and the other

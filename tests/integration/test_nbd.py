@@ -724,3 +724,23 @@ async def test_reads_without_a_worker_and_their_retry(nursery, structured):
     assert got[99] == image[3:13]
     assert bdev.nowait == len(want) and bdev.failed == 1
     await c.aclose()
+
+
+@timeboxed(20)
+async def test_requests_arriving_end_a_polling_stretch(port):
+    """Busy time (initiator._util.IdleMeter): requests that the connection's reader receives
+    are work, so an open polling stretch of the NVMe readers ends there."""
+    from time import perf_counter
+
+    from initiator.transport import POLL_IDLE
+    c = await RawClient.connect(port)
+    await c.go("malloc0")
+    saved = (POLL_IDLE.since, POLL_IDLE.total)
+    try:
+        POLL_IDLE.since, POLL_IDLE.total = perf_counter() - 0.010, 0.0
+        await c.request(CMD_READ, 7, 0, 512)
+        assert await c.simple_reply(512) == (0, 7, bytes(512))
+        assert POLL_IDLE.since == 0.0 and POLL_IDLE.total > 0.009
+    finally:
+        POLL_IDLE.since, POLL_IDLE.total = saved
+        await c.aclose()
