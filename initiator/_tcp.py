@@ -122,6 +122,7 @@ class HostQueue:
         # receiver's `_sink` while it streams), and its CID: completions() also finishes it.
         self._stream_sink = None
         self._stream_cid = -1
+        self.streamed = 0                # how many payloads completions() streamed (statistics)
 
     # -- connection set-up ------------------------------------------------------------------
     def icreq(self) -> bytes:
@@ -402,6 +403,7 @@ class HostQueue:
                         rx._pad = rx._dd = rx._crc = 0
                         rx._state = ST_PAYLOAD
                         self._stream_cid = cid
+                        self.streamed += 1
                         self.cut = -1
                         r = w
                     else:

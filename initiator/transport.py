@@ -776,4 +776,5 @@ class Queue:
     def statistics(self) -> dict:
         return {"qid": self.qid, "depth": self.core.depth, "outstanding": self.core.outstanding,
                 "commands": self.commands, "short_splices": self.short_splices,
+                "streamed": self.core.streamed,
                 "closed": str(self._closed) if self._closed else None}

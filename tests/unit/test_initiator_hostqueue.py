@@ -362,5 +362,5 @@ def test_a_large_c2hdata_arriving_in_pieces_is_streamed_and_finished_by_the_hot_
     q.receive_data(stream[24 + 31000:])                  # the rest in the buffer, then cid2
     assert q.completions(done) == 2 and done == [cid, cid2] and q.cut == 0
     assert bytes(big) == data and bytes(small) == pattern(512, 4)
-    assert resolved == [] and q.outstanding == 0 and q.next_event() is None
+    assert resolved == [] and q.outstanding == 0 and q.next_event() is None and q.streamed == 1
     assert q.rx.pdus_received == 3                       # ICResp and the two C2HData
