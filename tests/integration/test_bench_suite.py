@@ -36,6 +36,9 @@ def test_bench_suite_runs(tmp_path):
         assert m["init_busy_us"] <= m["init_cpu_us"] + 0.5
         assert m["target_busy_us"] <= m["target_cpu_us"] + 0.5
     assert doc["medians"]["raw-4k-qd1"]["init_busy_us"] < doc["medians"]["raw-4k-qd1"]["init_cpu_us"]
+    # fio's own CPU per I/O for the frontends (it shares their core), not for the raw initiator.
+    assert doc["medians"]["nbd-4k"]["fio_cpu_us"] > 0 and "fio_cpu_us" not in doc["medians"]["raw-4k-qd1"]
+    assert "us/IO |" in out.stdout.split("| nbd-4k |")[1].split("\n")[0]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
