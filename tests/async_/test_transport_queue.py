@@ -127,11 +127,17 @@ class CountingSocket(socket.socket):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.scatters: list[tuple[int, int]] = []
+        self.plain = []      # what each plain recv_into took
 
     def recvmsg_into(self, buffers, *a):
         res = super().recvmsg_into(buffers, *a)
         self.scatters.append((res[0], len(buffers[0])))
         return res
+
+    def recv_into(self, buffer, *a):
+        n = super().recv_into(buffer, *a)
+        self.plain.append(n)
+        return n
 
 
 async def test_a_large_payload_and_the_next_header_come_in_one_receive(nursery):
@@ -164,6 +170,39 @@ async def test_a_large_payload_and_the_next_header_come_in_one_receive(nursery):
         assert got == [None] * 4
         assert bufs == [pattern(n, k) for k in range(4)] and q.core.outstanding == 0
         assert any(took > first for took, first in sock.scatters), sock.scatters
+    finally:
+        q.close()
+        b.close()
+
+
+async def test_a_small_rest_of_a_large_payload_does_not_pull_in_the_next_one(nursery):
+    """While payloads are large, a rest smaller than the zero-copy threshold also goes straight
+    into its destination with the next header (scatter): received into the receive buffer with
+    what follows it, it would bring part of the next payload along, to be copied again."""
+    a, b = socket.socketpair()
+    sock = CountingSocket(fileno=a.detach())
+    q = open_queue(sock, nursery)
+    peer = Peer(b)
+    try:
+        n = 32768
+        bufs = [bytearray(n), bytearray(n)]
+        got: list = []
+        for i, buf in enumerate(bufs):
+            q.read_nowait(1, i * 64, n // 512, buf, got.append)
+        caps = await peer.capsules(2)
+        first = c2h(caps[0][1], 0, pattern(n, 4), success=True)
+        await peer.send(first[:24 + 20000])            # a rest of 12768 bytes to come
+        with trio.fail_after(5):
+            while q.core.rx.payload_sink() is None:
+                await trio.sleep(0.001)
+        plain = len(sock.plain)
+        await peer.send(first[24 + 20000:], c2h(caps[1][1], 0, pattern(n, 5), success=True))
+        with trio.fail_after(5):
+            while len(got) < 2:
+                await trio.sleep(0.001)
+        assert got == [None, None] and bufs == [pattern(n, 4), pattern(n, 5)]
+        assert sock.plain[plain:] == [], sock.plain       # no plain receive once streaming
+        assert sock.scatters
     finally:
         q.close()
         b.close()
