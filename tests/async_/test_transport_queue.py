@@ -140,72 +140,70 @@ class CountingSocket(socket.socket):
         return n
 
 
-async def test_a_large_payload_and_the_next_header_come_in_one_receive(nursery):
+@pytest.fixture
+async def counted(nursery):
+    """A started Queue on a CountingSocket, its scripted peer and the socket."""
+    a, b = socket.socketpair()
+    sock = CountingSocket(fileno=a.detach())
+    q = open_queue(sock, nursery)
+    yield q, Peer(b), sock
+    q.close()
+    b.close()
+
+
+async def large_reads(q: Queue, peer: Peer, count: int, n: int):
+    """`count` nowait reads of `n` bytes -> (buffers, completion list, their capsules)."""
+    bufs = [bytearray(n) for _ in range(count)]
+    got: list = []
+    for i, buf in enumerate(bufs):
+        q.read_nowait(1, i * 64, n // 512, buf, got.append)
+    return bufs, got, await peer.capsules(count)
+
+
+async def completed(got: list, count: int) -> None:
+    with trio.fail_after(5):
+        while len(got) < count:
+            await trio.sleep(0.001)
+
+
+async def test_a_large_payload_and_the_next_header_come_in_one_receive(counted):
     """Large reads: the rest of a payload goes straight into its buffer and the next PDU's
     header into the receive buffer with one recvmsg (one receive per read, not two); every
     byte lands where it belongs, across back-to-back PDUs and a CapsuleResp behind them."""
-    a, b = socket.socketpair()
-    sock = CountingSocket(fileno=a.detach())
-    q = open_queue(sock, nursery)
-    peer = Peer(b)
-    try:
-        n = 32768
-        bufs = [bytearray(n) for _ in range(4)]
-        got: list = []
-        for i, buf in enumerate(bufs):
-            q.read_nowait(1, i * 64, n // 512, buf, got.append)
-        caps = await peer.capsules(4)
-        # The first one whole (it switches the reader to taking headers alone), then the
-        # others together, the last one's status in a CapsuleResp of its own.
-        await peer.send(c2h(caps[0][1], 0, pattern(n, 0), success=True))
-        with trio.fail_after(5):
-            while not got:
-                await trio.sleep(0.001)
-        await peer.send(c2h(caps[1][1], 0, pattern(n, 1), success=True),
-                        c2h(caps[2][1], 0, pattern(n, 2), success=True),
-                        c2h(caps[3][1], 0, pattern(n, 3)), resp(caps[3][1]))
-        with trio.fail_after(5):
-            while len(got) < 4:
-                await trio.sleep(0.001)
-        assert got == [None] * 4
-        assert bufs == [pattern(n, k) for k in range(4)] and q.core.outstanding == 0
-        assert any(took > first for took, first in sock.scatters), sock.scatters
-    finally:
-        q.close()
-        b.close()
+    q, peer, sock = counted
+    n = 32768
+    bufs, got, caps = await large_reads(q, peer, 4, n)
+    # The first one whole (it switches the reader to taking headers alone), then the others
+    # together, the last one's status in a CapsuleResp of its own.
+    await peer.send(c2h(caps[0][1], 0, pattern(n, 0), success=True))
+    await completed(got, 1)
+    await peer.send(c2h(caps[1][1], 0, pattern(n, 1), success=True),
+                    c2h(caps[2][1], 0, pattern(n, 2), success=True),
+                    c2h(caps[3][1], 0, pattern(n, 3)), resp(caps[3][1]))
+    await completed(got, 4)
+    assert got == [None] * 4
+    assert bufs == [pattern(n, k) for k in range(4)] and q.core.outstanding == 0
+    assert any(took > first for took, first in sock.scatters), sock.scatters
 
 
-async def test_a_small_rest_of_a_large_payload_does_not_pull_in_the_next_one(nursery):
+async def test_a_small_rest_of_a_large_payload_does_not_pull_in_the_next_one(counted):
     """While payloads are large, a rest smaller than the zero-copy threshold also goes straight
     into its destination with the next header (scatter): received into the receive buffer with
     what follows it, it would bring part of the next payload along, to be copied again."""
-    a, b = socket.socketpair()
-    sock = CountingSocket(fileno=a.detach())
-    q = open_queue(sock, nursery)
-    peer = Peer(b)
-    try:
-        n = 32768
-        bufs = [bytearray(n), bytearray(n)]
-        got: list = []
-        for i, buf in enumerate(bufs):
-            q.read_nowait(1, i * 64, n // 512, buf, got.append)
-        caps = await peer.capsules(2)
-        first = c2h(caps[0][1], 0, pattern(n, 4), success=True)
-        await peer.send(first[:24 + 20000])            # a rest of 12768 bytes to come
-        with trio.fail_after(5):
-            while q.core.rx.payload_sink() is None:
-                await trio.sleep(0.001)
-        plain = len(sock.plain)
-        await peer.send(first[24 + 20000:], c2h(caps[1][1], 0, pattern(n, 5), success=True))
-        with trio.fail_after(5):
-            while len(got) < 2:
-                await trio.sleep(0.001)
-        assert got == [None, None] and bufs == [pattern(n, 4), pattern(n, 5)]
-        assert sock.plain[plain:] == [], sock.plain       # no plain receive once streaming
-        assert sock.scatters
-    finally:
-        q.close()
-        b.close()
+    q, peer, sock = counted
+    n = 32768
+    bufs, got, caps = await large_reads(q, peer, 2, n)
+    first = c2h(caps[0][1], 0, pattern(n, 4), success=True)
+    await peer.send(first[:24 + 20000])            # a rest of 12768 bytes to come
+    with trio.fail_after(5):
+        while q.core.rx.payload_sink() is None:
+            await trio.sleep(0.001)
+    plain = len(sock.plain)
+    await peer.send(first[24 + 20000:], c2h(caps[1][1], 0, pattern(n, 5), success=True))
+    await completed(got, 2)
+    assert got == [None, None] and bufs == [pattern(n, 4), pattern(n, 5)]
+    assert sock.plain[plain:] == [], sock.plain       # no plain receive once streaming
+    assert sock.scatters
 
 
 async def test_read_with_data_then_capsule_resp(pair):
