@@ -54,6 +54,7 @@ import functools
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -635,5 +636,23 @@ async def serve_fuse(
             x.close()        # no reply, read or callback of theirs after this
         # Background tasks (fallocate replies, invalidation threads) are done: the session may go.
         fs.close()
+        _wait_for_pending_notifications()
         pyfuse3.close(unmount=True)
         log.info("FUSE unmounted from %s", mountpoint)
+
+
+def _wait_for_pending_notifications(timeout: float = 5.0) -> None:
+    """Let pyfuse3's notify thread deliver the entry invalidations still queued (a file removed
+    just before the unmount) while the session is mounted: pyfuse3.main() queues its stop
+    marker behind them but does not wait, and an invalidation sent after fuse_session_unmount
+    fails (EINVAL, logged with a traceback) or, after fuse_session_destroy, would use a freed
+    session. Waits at most `timeout` seconds (the kernel may hold an invalidation back while a
+    request that is never answered holds the directory)."""
+    loop = getattr(pyfuse3, "_notify_loop", None)
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and (
+                (loop is not None and getattr(t, "_target", None) is loop)
+                or t.name.endswith("(_notify_loop)")):
+            t.join(timeout)
+            if t.is_alive():
+                log.warning("FUSE: entry invalidations still pending at unmount")

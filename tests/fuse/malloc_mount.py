@@ -2,6 +2,7 @@
 
     python tests/fuse/malloc_mount.py MOUNTPOINT [--read-only] [--fixture NAME] [--mode 0600]
                                       [--read-delay-us US] [--flaky] [--no-fast-reads]
+                                      [--slow-invalidate-ms MS]
 
 Bdevs: malloc0 (64 MiB, 512-byte blocks, blank), malloc1 (16 MiB, 4096-byte blocks, blank) and, with
 --fixture, "fixture0" loaded from tests/fixtures/partitions/NAME.json.gz (examined at start).
@@ -26,6 +27,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -178,7 +180,33 @@ if __name__ == "__main__":
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--read-delay-us", type=float, default=0.0,
                    help="malloc0's reads wait this long first, like a real device")
+    p.add_argument("--slow-invalidate-ms", type=float, default=0.0,
+                   help="pyfuse3's notify thread waits this long before each entry invalidation")
     a = p.parse_args()
+    if a.slow_invalidate_ms:
+        # pyfuse3's _notify_loop looks invalidate_entry up in its module each time, blockfs.fuse
+        # calls invalidate_entry_async and close through the module: log each invalidation
+        # queued, and each delivered before or after the session was closed.
+        import pyfuse3
+        _invalidate, _queue, _close = (pyfuse3.invalidate_entry, pyfuse3.invalidate_entry_async,
+                                       pyfuse3.close)
+        closed: list = []
+        notes = logging.getLogger("runner.invalidations")
+
+        def slow_invalidate(*args, _wait=a.slow_invalidate_ms / 1000):
+            time.sleep(_wait)
+            notes.info("entry invalidation %s", "after the unmount" if closed else "delivered")
+            return _invalidate(*args)
+
+        def queue(*args, **kw):
+            notes.info("entry invalidation queued")
+            return _queue(*args, **kw)
+
+        def close(*args, **kw):
+            closed.append(True)
+            return _close(*args, **kw)
+        pyfuse3.invalidate_entry, pyfuse3.invalidate_entry_async, pyfuse3.close = (
+            slow_invalidate, queue, close)
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     trio.run(main, a)

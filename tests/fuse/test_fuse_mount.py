@@ -433,3 +433,24 @@ def test_sigterm_unmounts_cleanly(make_mount):
             os.close(fd)
         except OSError:
             pass
+
+
+def test_files_removed_just_before_the_unmount_are_invalidated_first(make_mount):
+    """Entry invalidations still queued in pyfuse3's notify thread when the mount stops are
+    delivered while the session is mounted (blockfs.fuse waits for them). Sent after the
+    unmount they fail with EINVAL and a traceback in the log (after the session is destroyed
+    they would use freed memory); if the process exits first they are lost. The files are
+    looked up first, so the kernel has entries to drop, each invalidation is made to take 100
+    ms (the runner logs each one queued and delivered), and the mount is stopped right after
+    the removals."""
+    for _ in range(2):
+        m = make_mount("--fixture", "gpt_512", "--slow-invalidate-ms", "100")
+        for name in ("fixture0", "fixture0p1", "fixture0p2", "fixture0p3", "malloc0", "malloc1"):
+            os.stat(m / name)
+        m.command("remove fixture0")
+        m.command("remove malloc1")
+        m.stop()
+        text = m.log.read_text()
+        assert "Traceback" not in text and "after the unmount" not in text, text
+        queued = text.count("entry invalidation queued")
+        assert queued == 5 and text.count("entry invalidation delivered") == queued, text
