@@ -46,7 +46,6 @@ import logging
 import os
 import select
 import struct
-from time import perf_counter
 from typing import Any
 
 import pyfuse3
@@ -300,9 +299,7 @@ class ReadWithoutWaiting:
         if poll(0):
             # A request to handle: work, so a polling stretch of the NVMe readers ends here
             # (the process's busy time, IdleMeter), not when their socket next has data.
-            idle = POLL_IDLE
-            if idle.since:
-                idle.work(perf_counter())
+            POLL_IDLE.work_found()
             self._burst += 1
             if self._burst < self.BURST:
                 return True
@@ -314,9 +311,7 @@ class ReadWithoutWaiting:
             if not await self._orig():
                 return False
             if poll(0):
-                idle = POLL_IDLE
-                if idle.since:
-                    idle.work(perf_counter())
+                POLL_IDLE.work_found()
                 return True
 
 

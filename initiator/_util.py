@@ -6,6 +6,7 @@ idle meter."""
 from __future__ import annotations
 
 import contextlib
+from time import perf_counter
 
 import trio
 
@@ -83,4 +84,11 @@ class IdleMeter:
     def work(self, now: float) -> None:
         if self.since:
             self.total += now - self.since
+            self.since = 0.0
+
+    def work_found(self) -> None:
+        """`work` for a task other than a poller that found something to do (a FUSE request,
+        NBD requests): the clock is read only while a stretch is open."""
+        if self.since:
+            self.total += perf_counter() - self.since
             self.since = 0.0

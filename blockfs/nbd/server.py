@@ -27,7 +27,6 @@ import logging
 import os
 import socket
 from collections import deque
-from time import perf_counter
 from typing import Any
 
 import trio
@@ -401,10 +400,9 @@ class _Transmission:
                 if not n:
                     return  # client hung up without NBD_CMD_DISC
                 reader.commit(n)
-                if POLL_IDLE.since:
-                    # Requests to handle: a polling stretch of the NVMe readers (busy time,
-                    # IdleMeter) ends here, not when their socket next has data.
-                    POLL_IDLE.work(perf_counter())
+                # Requests to handle: a polling stretch of the NVMe readers (busy time,
+                # IdleMeter) ends here, not when their socket next has data.
+                POLL_IDLE.work_found()
                 received += 1
                 if received >= _YIELD_EVERY:
                     # A client that keeps sending still lets the writer and the other

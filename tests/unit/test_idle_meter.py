@@ -34,6 +34,11 @@ def test_meter_opens_on_the_first_miss_and_closes_on_work():
     m.work(11.0)
     m.work(12.0)             # nothing open: nothing added
     assert (m.since, m.total) == (0.0, 1.0)
+    m.work_found()           # nothing open: nothing added, no clock read
+    assert (m.since, m.total) == (0.0, 1.0)
+    m.since = perf_counter() - 0.010
+    m.work_found()
+    assert m.since == 0.0 and 1.009 < m.total < 6
 
 
 async def test_a_queued_fuse_request_ends_the_polling_stretch(stretch):
