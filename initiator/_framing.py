@@ -154,7 +154,7 @@ class PduReceiver:
 
     def next_pdu(self):
         if self._state == ST_PAYLOAD:
-            return self._continue_payload()
+            return self.continue_payload()
         if self._state == ST_ERROR:
             raise LocalProtocolError("receiver is in the ERROR state")
         r = self._r
@@ -234,15 +234,9 @@ class PduReceiver:
                 if sink is not None:
                     if len(sink) != dlen:
                         raise LocalProtocolError("sink length differs from DATAL")
-                    self._cur = (ptype, flags, bytes(mv[r:r + hlen]))
-                    self._r = r + hend
-                    self._pad = pdo - hend
-                    self._sink = sink
-                    self._sink_pos = 0
-                    self._dd = dd
-                    self._crc = 0
-                    self._state = ST_PAYLOAD
-                    return self._continue_payload()
+                    self.stream(ptype, flags, bytes(mv[r:r + hlen]), r + hend, pdo - hend,
+                                sink, dd)
+                    return self.continue_payload()
         elif ptype == PduType.CAPSULE_CMD and dlen > self.max_capsule_data:
             self._fail(f"in-capsule data {dlen} exceeds the limit",
                        TermReqFes.DATA_TRANSFER_LIMIT_EXCEEDED, 4, mv[r:r + hlen])
@@ -261,7 +255,24 @@ class PduReceiver:
             ok = _crc(data) == DIGEST.unpack_from(mv, r + pdo + dlen)[0]
         return (ptype, flags, hdr, data, ok)
 
-    def _continue_payload(self):
+    def stream(self, ptype: int, flags: int, header: bytes, r: int, pad: int, sink,
+               dd: int) -> None:
+        """Stream the payload of the data PDU whose validated `header` ends at buffer offset
+        `r` (padding `pad`, data digest `dd` bytes) into `sink`: the state next_pdu sets up for
+        a resolved sink, also for an owner that validated the header itself (the host's hot
+        path). `continue_payload()` then moves what is buffered and finishes the PDU."""
+        self._cur = (ptype, flags, header)
+        self._r = r
+        self._pad = pad
+        self._sink = sink
+        self._sink_pos = 0
+        self._dd = dd
+        self._crc = 0
+        self._state = ST_PAYLOAD
+
+    def continue_payload(self):
+        """While streaming: move the buffered bytes into the sink; the PDU tuple once it is
+        complete (as next_pdu returns it), else None."""
         mv = self._mv
         if self._pad:
             n = min(self._pad, self._w - self._r)

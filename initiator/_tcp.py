@@ -322,11 +322,10 @@ class HostQueue:
         other PDU stops the loop: `next_event()` handles it (and its errors). Such a C2HData
         not wholly received stops it too: one of at least STREAM_MIN bytes of data into a
         memoryview is then streamed (the receiver set up as `next_pdu` and `_resolve_sink` would
-        set it, the payload received straight into the destination) and finished by a later
-        call once all of it is in, as `_continue_payload` and next_event() would finish it.
-        Digests negotiated: nothing is taken here. Relies on PduReceiver's buffer and streaming
-        layout (`_mv`, `_r`, `_w`, `_state`, `_sink`, `_sink_pos`, `_cur`), as target/_queue.py
-        relies on the buffer's. `cut` tells whether the loop stopped at a smaller such C2HData
+        set it, `PduReceiver.stream`) and finished by a later call once all of it is in
+        (`PduReceiver.continue_payload`, then the CID as next_event() would complete it).
+        Digests negotiated: nothing is taken here. Relies on PduReceiver's buffer layout
+        (`_mv`, `_r`, `_w`, `_state`, `_sink`), as target/_queue.py does. `cut` tells whether the loop stopped at a smaller such C2HData
         whose bytes are not all here yet (its PLEN), or while a streamed payload arrives (-1).
         """
         rx = self.rx
@@ -344,37 +343,26 @@ class HostQueue:
         free = self._free
         wdata = self._wdata
         n = 0
+        streamed = 0
         if rx._state != ST_HEADER:
-            # The end of a payload this method started streaming: what `_continue_payload`
-            # and next_event() would do for it (the PDU's checks were made at its start).
-            sink = rx._sink
-            if rx._state != ST_PAYLOAD or sink is None or sink is not self._stream_sink:
+            # A payload this method started streaming: the receiver moves what is buffered
+            # and finishes the PDU; its CID completes here, as next_event() would complete it
+            # (the PDU's checks were made at its start).
+            if rx._state != ST_PAYLOAD or rx._sink is None or rx._sink is not self._stream_sink:
                 return 0
-            pos = rx._sink_pos
-            want = len(sink) - pos
-            if want:
-                have = w - r
-                if have < want:
-                    if have:
-                        sink[pos:pos + have] = mv[r:w]
-                        rx._sink_pos = pos + have
-                        rx._r = w
-                    self.cut = -1
-                    return 0
-                sink[pos:] = mv[r:r + want]
-                r += want
-                rx._sink_pos = pos + want
+            if rx.continue_payload() is None:
+                self.cut = -1
+                return 0
+            r = rx._r
             cid = self._stream_cid
             self._stream_sink = None
             self._stream_cid = -1
-            rx._state = ST_HEADER
-            rx._sink = None
-            rx._cur = None
             rbuf[cid] = None
             active[cid] = False
             free.append(cid)
             done.append(cid)
-            n = 1
+            self.outstanding -= 1
+            streamed = 1
         unpack = HDR24.unpack_from
         while w - r >= 24:
             ptype, flags, hlen, pdo, plen, d0, d1, d2, d3 = unpack(mv, r)
@@ -391,21 +379,16 @@ class HostQueue:
                         # A large payload still arriving: stream it into the destination
                         # (the state next_pdu and _resolve_sink would set), and finish it
                         # here once it is all in (the top of this method).
-                        sink = dest[d1:]
-                        have = w - r - 24
-                        if have:
-                            sink[:have] = mv[r + 24:w]
+                        sink = self._stream_sink = dest[d1:]
                         rxoff[cid] = d1 + d2
                         self.last_streamed = d2
-                        rx._cur = (_C2H, flags, bytes(mv[r:r + 24]))
-                        rx._sink = self._stream_sink = sink
-                        rx._sink_pos = have
-                        rx._pad = rx._dd = rx._crc = 0
-                        rx._state = ST_PAYLOAD
+                        rx.stream(_C2H, flags, bytes(mv[r:r + 24]), r + 24, 0, sink, 0)
+                        if w - r > 24:
+                            rx.continue_payload()    # what is buffered; not all of it is here
+                        r = rx._r
                         self._stream_cid = cid
                         self.streamed += 1
                         self.cut = -1
-                        r = w
                     else:
                         self.cut = plen
                     break
@@ -431,7 +414,7 @@ class HostQueue:
         if n:
             rx.pdus_received += n
             self.outstanding -= n
-        return n
+        return n + streamed
 
     def next_event(self):
         """The next event, or None when more bytes are needed. Raises RemoteProtocolError."""
