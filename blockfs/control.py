@@ -3,6 +3,12 @@
 Server: `serve_control(path, methods)` where `methods` maps a method name to an async function
 taking the params dict. Client: `call(path, method, params)` (blocking, for the CLI).
 In the spirit of SPDK's RPC socket; not a network service.
+
+A bad request never ends the daemon: malformed JSON, a request that is not an object or whose
+method is not a string, params of the wrong type, or a method failing on the controller (a
+rescan while the controller is failed or reconnecting) each get a JSON-RPC error reply
+(-32700 parse, -32600 invalid request, -32601 unknown method, -32602 invalid params, -32000
+the operation failed) and the connection stays open for the next request.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import socket
 from typing import Awaitable, Callable
 
 import trio
+
+from bdev import BdevError
+from initiator._errors import NvmeError
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +85,27 @@ async def _handle(stream: trio.SocketStream, methods) -> None:
 async def _dispatch(line: bytes, methods) -> bytes:
     try:
         req = json.loads(line)
-        if not isinstance(req, dict):
-            raise ValueError("not an object")
-    except ValueError:
+    except (ValueError, RecursionError):    # RecursionError: nesting deeper than json parses
         return _reply(None, error=(-32700, "parse error"))
+    if not isinstance(req, dict):
+        return _reply(None, error=(-32600, "invalid request: not a JSON object"))
     rid = req.get("id")
-    fn = methods.get(req.get("method"))
+    if not isinstance(rid, (str, int, float, type(None))) or isinstance(rid, bool):
+        rid = None                          # JSON-RPC 2.0 section 4: a string, number or null
+    method = req.get("method")
+    if not isinstance(method, str):
+        return _reply(rid, error=(-32600, "invalid request: method must be a string"))
+    fn = methods.get(method)
     if fn is None:
-        return _reply(rid, error=(-32601, f"unknown method {req.get('method')!r}"))
+        return _reply(rid, error=(-32601, f"unknown method {method!r}"))
     params = req.get("params") or {}
     if not isinstance(params, dict):
         return _reply(rid, error=(-32602, "params must be an object"))
     try:
         return _reply(rid, result=await fn(params))
-    except (ValueError, KeyError, LookupError) as e:
-        return _reply(rid, error=(-32602, str(e)))
-    except OSError as e:
+    except (ValueError, TypeError, LookupError) as e:
+        return _reply(rid, error=(-32602, f"invalid params: {e}"))
+    except (NvmeError, BdevError, OSError) as e:
         return _reply(rid, error=(-32000, str(e)))
 
 

@@ -103,6 +103,8 @@ class Daemon:
 
     async def rpc_rescan(self, params):
         name = params.get("bdev")
+        if name is not None and not isinstance(name, str):
+            raise TypeError("bdev must be a bdev name (a string)")
         for s in self.sessions:
             await s.rescan()
         targets = [name] if name else [b.name for b in self.registry.bdevs() if b.base is None]

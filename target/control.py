@@ -262,7 +262,7 @@ async def _serve_client(server, stream: trio.SocketStream) -> None:
                     continue
                 try:
                     req = json.loads(line)
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:   # Recursion: nested too deep
                     resp = {"jsonrpc": "2.0", "id": None,
                             "error": {"code": PARSE_ERROR, "message": str(e)}}
                 else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 
 import pytest
@@ -105,9 +106,38 @@ def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp
     assert stats["bdevs"]["nvme0n1"]["num_write_ops"] > 0
     assert 0 <= stats["poll_idle_s"] <= stats["cpu_s"] + 1
 
+    # Bad control requests get JSON-RPC errors; the mount goes on (one used to end it).
+    replies = _raw_control(m.control, [b'{"method": {"cmd": "stats"}}', b"[" * 100_000,
+                                       b'{"method": "rescan", "params": {"bdev": {}}}',
+                                       b'{"method": "rescan", "params": {"bdev": "nvme9n9"}}'])
+    assert [r["error"]["code"] for r in replies] == [-32600, -32700, -32602, -32602], replies
+    assert "nvme9n9" in replies[3]["error"]["message"]
+    stats = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)
+    assert stats["controllers"][0]["state"] == "live"
+    with open(m.file("nvme0n1p2"), "rb") as f:
+        assert len(f.read(4096)) == 4096
+
     m.umount()
     assert not os.path.ismount(m.path)
     assert kt.wait_connections(0, 10.0) == 0
+
+
+def _raw_control(path: str, lines: list[bytes]) -> list[dict]:
+    """Send each line on one control connection and collect the replies."""
+    replies = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(path)
+        buf = b""
+        for line in lines:
+            s.sendall(line + b"\n")
+            while b"\n" not in buf:
+                data = s.recv(65536)
+                assert data, "the daemon closed the control connection"
+                buf += data
+            reply, buf = buf.split(b"\n", 1)
+            replies.append(json.loads(reply))
+    return replies
 
 
 def test_512_byte_namespace_unaligned_io(mount):

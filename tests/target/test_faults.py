@@ -1,5 +1,7 @@
 """Each fault switch toggled through the control socket and observed on the wire."""
 
+import json
+
 import pytest
 import trio
 
@@ -36,6 +38,23 @@ async def test_list_and_errors(target):
     # The synchronous client works from a thread too.
     stats = await trio.to_thread.run_sync(call, ctl, "stats")
     assert "cpu_s" in stats and stats["poll_idle_s"] >= 0
+
+
+async def test_malformed_control_requests_leave_the_target_serving(target):
+    """JSON nested deeper than the parser goes (RecursionError, not ValueError) used to kill
+    the control connection's task and with it the target."""
+    stream = await trio.open_unix_socket(target.control_path)
+    async with stream:
+        for line, code in ((b"[" * 100_000, -32700), (b'{"method": {"a": 1}}', -32600),
+                           (b"[1]", -32600)):
+            await stream.send_all(line + b"\n")
+            buf = b""
+            while b"\n" not in buf:
+                data = await stream.receive_some(65536)
+                assert data, "the target closed the control connection"
+                buf += data
+            assert json.loads(buf)["error"]["code"] == code
+    assert (await acall(target.control_path, "list"))["subsystems"][0]["nqn"] == NQN
 
 
 async def test_delay_command(target):
