@@ -1,11 +1,13 @@
 """Small shared helpers for the trio shells (the initiator's, the target's, the frontends'):
 turning nursery ExceptionGroups back into the single typed error the caller expects (trio >= 0.25
-always groups nursery errors), the rest of a buffer list after a partial send, and the polling
-idle meter."""
+always groups nursery errors), the rest of a buffer list after a partial send, a TCP socket's
+congestion control, and the polling idle meter."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
 from time import perf_counter
 
 import trio
@@ -59,6 +61,26 @@ def drop_sent(bufs: list, sent: int) -> None:
         sent -= k
         i += 1
     del bufs[:i]
+
+
+def set_tcp_congestion(sock: socket.socket, name: str) -> None:
+    """Choose a TCP socket's congestion control (TCP_CONGESTION, tcp(7)), e.g. "cubic".
+
+    Raises ValueError naming what this kernel offers when `name` is unknown, not loaded, or
+    not in net.ipv4.tcp_allowed_congestion_control for an unprivileged process."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EPERM):
+            raise
+        which = "available" if e.errno == errno.ENOENT else "allowed"
+        try:
+            with open(f"/proc/sys/net/ipv4/tcp_{which}_congestion_control") as f:
+                offered = f.read().split()
+        except OSError:
+            offered = []
+        raise ValueError(f"TCP congestion control {name!r} is not {which} here"
+                         + (f" ({', '.join(offered)})" if offered else "")) from None
 
 
 class IdleMeter:

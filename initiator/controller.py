@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import uuid as _uuid
 from typing import Callable
 
@@ -33,7 +34,7 @@ from ._errors import (
     TransportError,
 )
 from ._init import ControllerInit, InitState
-from ._util import single_errors
+from ._util import set_tcp_congestion, single_errors
 from ._spec import (
     ADMIN_QUEUE_IN_CAPSULE, CC_SHN_NORMAL, CSTS_SHST_COMPLETE, CSTS_SHST_MASK, AdminOpcode,
     Cns, DSM_ATTR_DEALLOCATE, IoOpcode, LogPage, Property, WZ_DEAC,
@@ -93,6 +94,8 @@ class ControllerOptions:
     disable_sqflow: bool = True          # Connect CATTR bit 2 (docs/hot-path.md: +55%)
     poll_us: float = 50.0                # I/O queue readers poll this long for completions
                                          # while commands are outstanding; 0 = never
+    tcp_congestion: str | None = None    # TCP congestion control of every queue's socket
+                                         # (TCP_CONGESTION, e.g. "cubic"); None = the system's
     discovery: bool = False
     aer: bool = True
 
@@ -109,6 +112,9 @@ class ControllerOptions:
             raise ValueError("keep-alive timeout must not be negative")
         if self.poll_us < 0:
             raise ValueError("poll time must not be negative")
+        if self.tcp_congestion:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                set_tcp_congestion(probe, self.tcp_congestion)   # ValueError: not offered here
 
 
 @dataclasses.dataclass(slots=True)
@@ -165,7 +171,7 @@ class Controller:
             in_capsule = max(self.ctrl.ioccsz * 16 - 64, 0)
         q = await Queue.connect(self.host, self.port, qid, size - 1, hdgst=o.hdr_digest,
                                 ddgst=o.data_digest, timeout=o.connect_timeout,
-                                in_capsule_max=in_capsule)
+                                in_capsule_max=in_capsule, tcp_congestion=o.tcp_congestion)
         q.spin = o.poll_us / 1e6 if qid else 0.0
         q.start(self._nursery)
         try:

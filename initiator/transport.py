@@ -49,7 +49,7 @@ from ._errors import (
 from ._sink import FdSink
 from ._spec import RW_FUA
 from ._tcp import COMPLETION, DIGEST_ERROR_STATUS, IC_DONE, SEND, TERM, HostQueue
-from ._util import IdleMeter, drop_sent
+from ._util import IdleMeter, drop_sent, set_tcp_congestion
 
 _OPC_READ = 0x02
 _OPC_WRITE = 0x01
@@ -82,8 +82,11 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _SPLICE_STEP = 64 * 1024
 
 
-async def open_socket(host: str, port: int, timeout: float) -> socket.socket:
-    """A connected non-blocking TCP socket, or ConnectTimeout/ConnectionLost. Never blocks trio."""
+async def open_socket(host: str, port: int, timeout: float,
+                      tcp_congestion: str | None = None) -> socket.socket:
+    """A connected non-blocking TCP socket, or ConnectTimeout/ConnectionLost. Never blocks trio.
+    `tcp_congestion` picks the socket's congestion control before the handshake (ValueError
+    when this kernel does not offer it)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
@@ -94,6 +97,8 @@ async def open_socket(host: str, port: int, timeout: float) -> socket.socket:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
+        if tcp_congestion:
+            set_tcp_congestion(sock, tcp_congestion)
         with trio.fail_after(timeout):
             err = sock.connect_ex(addr)
             if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
@@ -222,9 +227,9 @@ class Queue:
     @classmethod
     async def connect(cls, host: str, port: int, qid: int, depth: int, *, hdgst: bool = False,
                       ddgst: bool = False, timeout: float = 10.0,
-                      in_capsule_max: int = 8192) -> "Queue":
+                      in_capsule_max: int = 8192, tcp_congestion: str | None = None) -> "Queue":
         """Connect a socket and finish the ICReq/ICResp exchange (NVMe/TCP 3.3), within `timeout`."""
-        sock = await open_socket(host, port, timeout)
+        sock = await open_socket(host, port, timeout, tcp_congestion)
         core = HostQueue(qid, depth, hdgst=hdgst, ddgst=ddgst, in_capsule_max=in_capsule_max)
         q = cls(sock, core, f"{host}:{port}")
         try:

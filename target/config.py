@@ -33,3 +33,5 @@ class TargetConfig:
                                          # (yield, retry recv) instead of sleeping; 0 = never
     sendfile_min: int = 0                # null reads of at least this many bytes go out with
                                          # sendfile from a zero memfd; 0 = never (docs/target.md)
+    tcp_congestion: str | None = None    # TCP congestion control of the connections (TCP_CONGESTION,
+                                         # e.g. "cubic"); None = the system's default

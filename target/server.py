@@ -36,7 +36,7 @@ from time import perf_counter
 
 import trio
 
-from initiator._util import IdleMeter, drop_sent
+from initiator._util import IdleMeter, drop_sent, set_tcp_congestion
 
 from ._queue import TargetQueue
 from .backends import FileRange
@@ -314,11 +314,15 @@ class TargetServer:
             s = socket.socket(fam, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
+                if self.config.tcp_congestion:
+                    set_tcp_congestion(s, self.config.tcp_congestion)
                 s.bind((host, port))
-            except OSError:
+            except (OSError, ValueError) as e:
                 s.close()
                 for o in self._listen_socks:
                     o.close()
+                if isinstance(e, OSError) and e.errno is not None:
+                    raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
                 raise
             s.listen(512)
             s.setblocking(False)
@@ -362,6 +366,11 @@ class TargetServer:
             c.setblocking(False)
             if c.family in (socket.AF_INET, socket.AF_INET6):
                 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.config.tcp_congestion:
+                    # Inherited from the listener already; set again so that a child never
+                    # keeps the system default (Linux copies it only when set on the listener
+                    # before the handshake).
+                    set_tcp_congestion(c, self.config.tcp_congestion)
             conn = Connection(self, c, f"{addr[0]}:{addr[1]}")
             if self.port_state == "blackhole":
                 conn.silent = True

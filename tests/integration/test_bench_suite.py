@@ -27,6 +27,8 @@ def test_bench_suite_runs(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| raw-4k-qd1 |" in out.stdout and "| nbd-4k |" in out.stdout
+    # The target's connections use cubic whatever the system's default (BBR paces each send)
+    assert "target on CPU 0 (TCP cubic)" in out.stdout
     doc = json.loads(js.read_text())
     assert set(doc["medians"]) == {"raw-4k-qd1", "fuse-malloc-4k", "nbd-4k"}
     assert all(m["iops"] > 0 for m in doc["medians"].values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -99,6 +100,35 @@ async def test_write_read_verify_sizes(nvme_target, digests):
         # (HostQueue.completions); with digests the general path takes everything.
         streamed = sum(q.statistics()["streamed"] for q in c.io_queues)
         assert (streamed > 0) is not digests, streamed
+
+
+def _other_congestion_control() -> str:
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        return "reno" if f.read().strip() != "reno" else "cubic"   # reno is always built in
+
+
+async def test_tcp_congestion_option_sets_every_queue(nvme_target):
+    """--tcp-congestion: each queue's socket (admin and I/O) uses the algorithm asked for, not
+    the system default, and I/O works over it."""
+    t = nvme_target
+    algo = _other_congestion_control()
+    opts = ControllerOptions(nr_io_queues=2, tcp_congestion=algo)
+    async with open_controller(t.host, t.port, t.nqn, opts) as c:
+        for q in [c.admin, *c.io_queues]:
+            got = q.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+            assert got.rstrip(b"\0").decode() == algo
+        nsid, (nblocks, bs) = min(t.namespaces.items())
+        data = os.urandom(65536)
+        await c.write(nsid, 8, len(data) // bs, data)
+        buf = bytearray(len(data))
+        await c.read(nsid, 8, len(data) // bs, memoryview(buf))
+        assert buf == data
+    r = blockfs("id-ctrl", "-a", t.host, "-s", str(t.port), "-n", t.nqn,
+                "--tcp-congestion", algo, "-o", "json")
+    assert json.loads(r.stdout)["subnqn"] == t.nqn
+    r = blockfs("id-ctrl", "-a", t.host, "-s", str(t.port), "-n", t.nqn,
+                "--tcp-congestion", "no-such-cc", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no-such-cc" in r.stderr
 
 
 async def test_write_larger_than_maxh2cdata(nvme_target):

@@ -1,5 +1,6 @@
 """ICReq/ICResp, Connect, property bring-up, Identify, features, discovery."""
 
+import socket
 import struct
 
 import pytest
@@ -256,3 +257,25 @@ async def test_discovery(make_target):
         assert (r.sct, r.sc) == (1, 0x82)
         await d.aclose()
         await c.aclose()
+
+
+def _tcp_congestion(sock) -> str:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+
+async def test_tcp_congestion_applies_to_every_connection(make_target):
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        default = f.read().strip()
+    algo = "reno" if default != "reno" else "cubic"      # reno is always built in
+    server = await make_target(tcp_congestion=algo)
+    with trio.fail_after(5):
+        c = await RawClient.open(server.port)
+        await c.icreq()
+        conn, = server.conns
+        assert _tcp_congestion(conn.sock) == algo
+        await c.aclose()
+
+
+async def test_unknown_tcp_congestion_is_a_clear_error(make_target):
+    with pytest.raises(ValueError, match="'no-such-cc' is not available"):
+        await make_target(tcp_congestion="no-such-cc")

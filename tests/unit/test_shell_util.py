@@ -1,7 +1,13 @@
 """Shared shell helpers: IdleMeter (the polling idle time blockfs bench and the target subtract
-from CPU time) and drop_sent (the rest of a buffer list after a partial send)."""
+from CPU time), drop_sent (the rest of a buffer list after a partial send) and
+set_tcp_congestion (the initiator's and the target's --tcp-congestion)."""
 
-from initiator._util import IdleMeter
+import socket
+
+import pytest
+
+from initiator._util import IdleMeter, set_tcp_congestion
+from initiator.controller import ControllerOptions
 
 
 def test_stretches_open_on_the_first_miss_and_close_on_work():
@@ -29,3 +35,18 @@ def test_drop_sent():
     assert [bytes(b) for b in bufs] == [b"hi"]
     drop_sent(bufs, 2)
     assert bufs == []
+
+
+def test_set_tcp_congestion_sets_it_or_names_what_there_is():
+    with socket.socket() as s:
+        set_tcp_congestion(s, "reno")                      # always built in
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0") == b"reno"
+        with pytest.raises(ValueError, match=r"'no-such-cc' is not available here \(.*reno"):
+            set_tcp_congestion(s, "no-such-cc")
+
+
+def test_controller_options_check_the_congestion_control_up_front():
+    assert ControllerOptions(tcp_congestion="reno").tcp_congestion == "reno"
+    assert ControllerOptions().tcp_congestion is None
+    with pytest.raises(ValueError, match="no-such-cc"):
+        ControllerOptions(tcp_congestion="no-such-cc")
