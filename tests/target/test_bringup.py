@@ -1,7 +1,10 @@
 """ICReq/ICResp, Connect, property bring-up, Identify, features, discovery."""
 
+import os
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -16,6 +19,7 @@ from initiator._pdu import sqe
 from rawclient import HOSTNQN, NQN, RawClient, io_client
 
 pytestmark = pytest.mark.trio
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 async def test_icresp_fields(target):
@@ -279,3 +283,19 @@ async def test_tcp_congestion_applies_to_every_connection(make_target):
 async def test_unknown_tcp_congestion_is_a_clear_error(make_target):
     with pytest.raises(ValueError, match="'no-such-cc' is not available"):
         await make_target(tcp_congestion="no-such-cc")
+
+
+@pytest.mark.parametrize("extra", [[], ["--tcp-congestion", "no-such-cc"]], ids=["port-in-use", "bad-cc"])
+async def test_cli_start_up_errors_are_one_line(extra):
+    """Errors raised inside trio's nursery were printed as an ExceptionGroup traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        listen = f"127.0.0.1:{port}" if not extra else "127.0.0.1:0"
+        r = subprocess.run([sys.executable, "-m", "target", "--listen", listen, *extra],
+                           capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert ("Address already in use" in r.stderr and str(port) in r.stderr) if not extra \
+        else "'no-such-cc' is not available" in r.stderr
