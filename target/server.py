@@ -59,6 +59,14 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _system_congestion() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 class Connection:
     def __init__(self, server: "TargetServer", sock: socket.socket, peer: str):
         self.server = server
@@ -328,6 +336,11 @@ class TargetServer:
             s.setblocking(False)
             self._listen_socks.append(s)
             self.addresses.append((host, s.getsockname()[1]))
+        if self.config.sendfile_min and (self.config.tcp_congestion
+                                         or _system_congestion()) == "bbr":
+            log.warning("--sendfile-min with BBR congestion control: the kernel paces each "
+                        "send, and sendfile costs more than copying (docs/target.md); "
+                        "--tcp-congestion cubic avoids that")
         self.state.set_listeners(self.addresses)
         self.state.on_controller_added = self._controller_added
         try:
