@@ -56,12 +56,12 @@ def add_parsers(sub, common) -> None:
         p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
         p.add_argument("--control", metavar="PATH",
                        help="control socket path (default /run/blockfs/PID.sock)")
-        p.add_argument("--rescan-interval", type=float, default=60.0,
+        p.add_argument("--rescan-interval", type=o._seconds(), default=60.0,
                        help="seconds between namespace rescans (backstop for missed events; 0 = off)")
         p.add_argument("--hotplug-dir", metavar="DIR",
                        help="run every executable in DIR on each device event (add, remove, resize, "
                             "partition-added/removed, disconnect, reconnect)")
-        p.add_argument("--hotplug-timeout", type=float, default=30.0,
+        p.add_argument("--hotplug-timeout", type=o._seconds(), default=30.0,
                        help="seconds a hotplug script may run before it is killed (default 30)")
         p.add_argument("--log-file", metavar="PATH", help="daemon log (default /run/blockfs/PID.log)")
         p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -70,7 +70,7 @@ def add_parsers(sub, common) -> None:
 
     p = sub.add_parser("umount", help="unmount a blockfs mount and wait for its daemon to finish")
     p.add_argument("mountpoint")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=o._seconds(), default=60.0)
     common(p)
     p.set_defaults(func=cmd_umount)
 
