@@ -46,8 +46,12 @@ def add_parsers(sub, common) -> None:
             p.add_argument("--nbd", metavar="ADDR:PORT", help="also serve NBD on ADDR:PORT")
             p.add_argument("--allow-other", action="store_true",
                            help="let other users access the mount (FUSE allow_other)")
-            p.add_argument("--uid", type=int, default=os.getuid(), help="owner of the files")
-            p.add_argument("--gid", type=int, default=os.getgid(), help="group of the files")
+            # 32-bit IDs; 0xFFFFFFFF is (uid_t)-1, "no owner". A larger value made every
+            # getattr of the mount fail (OverflowError in pyfuse3 -> EIO).
+            p.add_argument("--uid", type=o._positive_int(0, 0xFFFFFFFE), default=os.getuid(),
+                           help="owner of the files")
+            p.add_argument("--gid", type=o._positive_int(0, 0xFFFFFFFE), default=os.getgid(),
+                           help="group of the files")
             p.add_argument("--mode", type=_mode, default=0o600, help="file mode (octal, default 600)")
         else:
             p.add_argument("--listen", dest="nbd", metavar="ADDR:PORT", default="127.0.0.1:10809",

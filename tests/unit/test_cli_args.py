@@ -32,6 +32,10 @@ TARGET = ["-a", "127.0.0.1", "-s", "1", "-n", "nqn.2026-01.io.blockfs:none"]
     # An I/O size of 0 divided by zero in bench.
     ["bench", *TARGET, "--bs", "0"],
     ["umount", "/nonexistent", "--timeout", "nan"],
+    # uid_t / gid_t are 32 bits: the mount came up and every stat of it failed with EIO.
+    ["mount", "-f", *TARGET, "/nonexistent", "--uid", "99999999999"],
+    ["mount", "-f", *TARGET, "/nonexistent", "--gid", "-2"],
+    ["mount", "-f", *TARGET, "/nonexistent", "--uid", "4294967295"],
 ])
 def test_bad_values_are_one_line_and_status_2(argv, capsys):
     assert main(argv) == 2
