@@ -177,11 +177,21 @@ def _runfiles() -> list[dict]:
         try:
             with open(path) as f:
                 info = json.load(f)
+            if not _runfile_ok(info):
+                continue    # not one of ours (or damaged): skipped like a stale one
             os.kill(info["pid"], 0)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             continue
         out.append(info)
     return out
+
+
+def _runfile_ok(info) -> bool:
+    """A runfile as Daemon._write_runfile writes it (the fields list/umount rely on)."""
+    return (isinstance(info, dict) and type(info.get("pid")) is int and info["pid"] > 0
+            and isinstance(info.get("control"), str)
+            and all(isinstance(info.get(k), str) or info.get(k) is None
+                    for k in ("mountpoint", "nbd", "traddr", "subnqn")))
 
 
 def cmd_umount(args) -> int:

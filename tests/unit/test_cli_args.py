@@ -48,3 +48,49 @@ def test_largest_keep_alive_is_accepted():
     from blockfs.cli import build_parser
     args = build_parser().parse_args(["id-ctrl", *TARGET, "-k", "4294967"])
     assert o.controller_options(args).keep_alive_tmo == 4294967
+
+
+# ----------------------------------------------------------------------------- runfiles, ctl
+
+
+@pytest.mark.parametrize("content", [
+    "[1, 2]", '"text"', '{"pid": "123"}', '{"control": "/x"}', '{"pid": -1, "control": "/x"}',
+    '{"pid": 1, "control": 5}', '{"pid": 1, "control": "/x", "mountpoint": 7}', "{bad json",
+])
+def test_list_and_umount_skip_a_damaged_runfile(content, tmp_path, monkeypatch, capsys):
+    # Any *.json in the run directory is read; one that is not a daemon's runfile was a
+    # TypeError traceback from `blockfs list` and `blockfs umount`.
+    from blockfs import daemon
+    monkeypatch.setattr(daemon, "RUN_DIR", str(tmp_path))
+    (tmp_path / "4242.json").write_text(content)
+    assert main(["list", "-o", "json"]) == 0
+    assert '"devices": []' in capsys.readouterr().out
+    assert main(["umount", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a blockfs mount" in err, err
+
+
+@pytest.mark.parametrize("answer", [b"garbage\n", b"[1]\n", b'{"id": 1}\n',
+                                    b'{"error": "plain"}\n'])
+def test_ctl_against_something_that_is_not_a_daemon(answer, tmp_path, capsys):
+    import socket
+    import threading
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen()
+
+    def answer_once():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+    t = threading.Thread(target=answer_once, daemon=True)
+    t.start()
+    try:
+        assert main(["ctl", "-S", path, "list"]) == 1
+    finally:
+        t.join(5)
+        srv.close()
+    err = capsys.readouterr().err
+    assert err.startswith("blockfs ctl: ") and err.count("\n") == 1, err
