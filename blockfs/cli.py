@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_connect(p)
     o.add_output(p)
     p.add_argument("--rw", choices=["read", "write", "randread", "randwrite"], default="randread")
-    p.add_argument("--bs", type=o.parse_size, default=4096, help="I/O size (default 4k)")
+    p.add_argument("--bs", type=o.positive_size, default=4096, help="I/O size (default 4k)")
     p.add_argument("--qd", type=o._positive_int(1, 4096), default=32, help="queue depth (default 32)")
-    p.add_argument("--time", type=float, default=10.0, help="seconds to run (default 10)")
+    p.add_argument("--time", type=o._seconds(), default=10.0, help="seconds to run (default 10)")
     p.add_argument("-N", "--namespace-id", type=o._positive_int(1, 0xFFFFFFFE), default=1)
     p.add_argument("--mode", choices=["callback", "task"], default="callback",
                    help="callback: completions start the next command, no task per I/O (like "

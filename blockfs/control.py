@@ -135,7 +135,13 @@ def call(path: str, method: str, params: dict | None = None, timeout: float = 30
             if not data:
                 raise ControlError("the daemon closed the control connection")
             buf += data
-    rep = json.loads(buf.split(b"\n", 1)[0])
+    try:
+        rep = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError:
+        raise ControlError(f"{path} did not answer in JSON-RPC") from None
+    if not isinstance(rep, dict) or not ("result" in rep or "error" in rep):
+        raise ControlError(f"{path} did not answer in JSON-RPC")
     if "error" in rep:
-        raise ControlError(rep["error"]["message"])
+        err = rep["error"]
+        raise ControlError(str(err.get("message", err) if isinstance(err, dict) else err))
     return rep["result"]

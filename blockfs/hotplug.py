@@ -11,18 +11,51 @@ reconnect (controllers). Environment (udev-like names):
 Ordering and isolation: events of one device (a bdev, or a controller for its own events) run
 in the order they happened, one after another; different devices run side by side. A script
 that fails is logged; one that outlives `timeout` is killed. Neither ever delays I/O (nothing
-here is on the I/O path) nor another device's events. Script output goes to the log.
+here is on the I/O path) nor another device's events. Script output (stdout and stderr, the first
+MAX_OUTPUT bytes) goes to the log.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
+import subprocess
 
 import trio
 
 log = logging.getLogger(__name__)
+
+
+#: Bytes of a script's output (stdout and stderr) kept for the log; the rest is read and
+#: dropped, so a script that prints without end costs neither memory nor a blocked pipe.
+MAX_OUTPUT = 64 * 1024
+#: After a script exits, how long output from children it left behind is still read.
+_OUTPUT_GRACE = 0.5
+
+
+class _Output:
+    """The first MAX_OUTPUT bytes of a script's output, and how many more there were."""
+
+    def __init__(self) -> None:
+        self.kept = bytearray()
+        self.dropped = 0
+        self.eof = trio.Event()
+
+    async def read(self, stream) -> None:
+        async with stream:
+            while chunk := await stream.receive_some(65536):
+                keep = chunk[: max(0, MAX_OUTPUT - len(self.kept))]
+                self.kept += keep
+                self.dropped += len(chunk) - len(keep)
+        self.eof.set()
+
+    def text(self) -> str:
+        out = self.kept.decode(errors="replace").strip()
+        if self.dropped:
+            out += f" [... {self.dropped} more bytes of output dropped]"
+        return out
 
 
 class HotplugRunner:
@@ -109,21 +142,31 @@ class HotplugRunner:
         full_env = {**os.environ, **env}
         self.runs += 1
         what = f"{os.path.basename(script)} {env['BLOCKFS_EVENT']} {env.get('BLOCKFS_BDEV') or env.get('BLOCKFS_CTRL')}"
+        output = _Output()
         proc = None
-        try:
-            with trio.move_on_after(self.timeout) as scope:
-                proc = await trio.run_process([script], env=full_env, check=False,
-                                              capture_stdout=True, capture_stderr=True,
-                                              stdin=b"")
-            if scope.cancelled_caught:
-                self.failures += 1
-                log.warning("hotplug: %s killed after %g s", what, self.timeout)
-                return
-        except OSError as e:
+        with trio.move_on_after(self.timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                try:
+                    proc = await nursery.start(functools.partial(
+                        trio.run_process, [script], env=full_env, check=False,
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT))
+                except OSError as e:   # caught here: out of the nursery it is a group
+                    self.failures += 1
+                    log.warning("hotplug: %s could not run: %s", what, e)
+                    return
+                nursery.start_soon(output.read, proc.stdout)
+                await proc.wait()
+                # A child the script left running may hold the pipe open: its output is not
+                # waited for.
+                with trio.move_on_after(_OUTPUT_GRACE):
+                    await output.eof.wait()
+                nursery.cancel_scope.cancel()
+        if scope.cancelled_caught:
             self.failures += 1
-            log.warning("hotplug: %s could not run: %s", what, e)
+            log.warning("hotplug: %s killed after %g s", what, self.timeout)
             return
-        out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+        out = output.text()
         if proc.returncode:
             self.failures += 1
             log.warning("hotplug: %s exited %d%s", what, proc.returncode, f": {out}" if out else "")

@@ -46,8 +46,12 @@ def add_parsers(sub, common) -> None:
             p.add_argument("--nbd", metavar="ADDR:PORT", help="also serve NBD on ADDR:PORT")
             p.add_argument("--allow-other", action="store_true",
                            help="let other users access the mount (FUSE allow_other)")
-            p.add_argument("--uid", type=int, default=os.getuid(), help="owner of the files")
-            p.add_argument("--gid", type=int, default=os.getgid(), help="group of the files")
+            # 32-bit IDs; 0xFFFFFFFF is (uid_t)-1, "no owner". A larger value made every
+            # getattr of the mount fail (OverflowError in pyfuse3 -> EIO).
+            p.add_argument("--uid", type=o._positive_int(0, 0xFFFFFFFE), default=os.getuid(),
+                           help="owner of the files")
+            p.add_argument("--gid", type=o._positive_int(0, 0xFFFFFFFE), default=os.getgid(),
+                           help="group of the files")
             p.add_argument("--mode", type=_mode, default=0o600, help="file mode (octal, default 600)")
         else:
             p.add_argument("--listen", dest="nbd", metavar="ADDR:PORT", default="127.0.0.1:10809",
@@ -56,12 +60,12 @@ def add_parsers(sub, common) -> None:
         p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
         p.add_argument("--control", metavar="PATH",
                        help="control socket path (default /run/blockfs/PID.sock)")
-        p.add_argument("--rescan-interval", type=float, default=60.0,
+        p.add_argument("--rescan-interval", type=o._seconds(), default=60.0,
                        help="seconds between namespace rescans (backstop for missed events; 0 = off)")
         p.add_argument("--hotplug-dir", metavar="DIR",
                        help="run every executable in DIR on each device event (add, remove, resize, "
                             "partition-added/removed, disconnect, reconnect)")
-        p.add_argument("--hotplug-timeout", type=float, default=30.0,
+        p.add_argument("--hotplug-timeout", type=o._seconds(), default=30.0,
                        help="seconds a hotplug script may run before it is killed (default 30)")
         p.add_argument("--log-file", metavar="PATH", help="daemon log (default /run/blockfs/PID.log)")
         p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -70,7 +74,7 @@ def add_parsers(sub, common) -> None:
 
     p = sub.add_parser("umount", help="unmount a blockfs mount and wait for its daemon to finish")
     p.add_argument("mountpoint")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=o._seconds(), default=60.0)
     common(p)
     p.set_defaults(func=cmd_umount)
 
@@ -173,11 +177,21 @@ def _runfiles() -> list[dict]:
         try:
             with open(path) as f:
                 info = json.load(f)
+            if not _runfile_ok(info):
+                continue    # not one of ours (or damaged): skipped like a stale one
             os.kill(info["pid"], 0)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             continue
         out.append(info)
     return out
+
+
+def _runfile_ok(info) -> bool:
+    """A runfile as Daemon._write_runfile writes it (the fields list/umount rely on)."""
+    return (isinstance(info, dict) and type(info.get("pid")) is int and info["pid"] > 0
+            and isinstance(info.get("control"), str)
+            and all(isinstance(info.get(k), str) or info.get(k) is None
+                    for k in ("mountpoint", "nbd", "traddr", "subnqn")))
 
 
 def cmd_umount(args) -> int:

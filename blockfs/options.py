@@ -4,6 +4,7 @@ kernel's defaults, and their translation into initiator options. Parsing only; n
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import uuid
 
@@ -42,6 +43,8 @@ def _seconds(allow_negative: bool = False):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{s}' is not a number of seconds") from None
+        if math.isnan(v):   # float() takes "nan"; every comparison below would pass it
+            raise argparse.ArgumentTypeError(f"'{s}' is not a number of seconds")
         if v < 0 and not (allow_negative and v == -1):
             raise argparse.ArgumentTypeError(f"{s} must be >= 0" + (" or -1" if allow_negative else ""))
         return v
@@ -68,6 +71,14 @@ def parse_size(s: str) -> int:
         raise argparse.ArgumentTypeError(f"'{s}' is not a size (like 4k, 1M)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(m.group(1)) * mult
+
+
+def positive_size(s: str) -> int:
+    """`parse_size`, but at least one byte (an I/O size)."""
+    v = parse_size(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"'{s}' must be at least 1 byte")
+    return v
 
 
 def _hostid(s: str) -> str:

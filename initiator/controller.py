@@ -77,6 +77,10 @@ def default_hostnqn() -> str:
     return fab.default_hostnqn(_machine_hostid())
 
 
+#: The Connect command's KATO field is 32 bits of milliseconds.
+_MAX_KATO_S = 0xFFFFFFFF // 1000
+
+
 @dataclasses.dataclass(slots=True)
 class ControllerOptions:
     """nvme-cli's connect options, with the kernel's defaults."""
@@ -108,8 +112,8 @@ class ControllerOptions:
             raise ValueError("queue size must be between 2 and 1024")
         if not 1 <= self.nr_io_queues <= 128:
             raise ValueError("number of I/O queues must be between 1 and 128")
-        if self.keep_alive_tmo < 0:
-            raise ValueError("keep-alive timeout must not be negative")
+        if not 0 <= self.keep_alive_tmo <= _MAX_KATO_S:   # also refuses NaN
+            raise ValueError(f"keep-alive timeout must be between 0 and {_MAX_KATO_S} seconds")
         if self.poll_us < 0:
             raise ValueError("poll time must not be negative")
         if self.tcp_congestion:

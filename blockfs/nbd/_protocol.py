@@ -389,13 +389,23 @@ class ServerHandshake:
                 empty) and close.
             LocalProtocolError: called while a `reply_*()` is still owed.
         """
-        state = self._state
-        if state is _State.AWAIT_FLAGS:
-            return self._on_flags()
-        if state is _State.AWAIT_OPTION:
-            return self._on_option_header()
-        if state is _State.AWAIT_OPTION_DATA:
-            return self._on_option_data()
+        # A loop, not recursion: one receive may hold thousands of pipelined options (16 bytes
+        # each), each a step here, and the stack must not grow with them.
+        while True:
+            state = self._state
+            if state is _State.AWAIT_FLAGS:
+                event = self._on_flags()
+            elif state is _State.AWAIT_OPTION:
+                event = self._on_option_header()
+            elif state is _State.AWAIT_OPTION_DATA:
+                event = self._on_option_data()
+            else:
+                return self._settled_event(state)
+            if event is not None:
+                return event
+
+    def _settled_event(self, state: _State) -> Negotiated | Closed:
+        """next_event() in a state that consumes no input."""
         if state is _State.TRANSMISSION:
             if self._negotiated is None:
                 raise LocalProtocolError("Negotiated was already returned")
@@ -492,7 +502,10 @@ class ServerHandshake:
         self._negotiated = Negotiated(export, self.structured_replies)
         self._transition("go")
 
-    def _on_flags(self) -> _NeedData | ListExports | ExportRequest | Negotiated | Closed:
+    # The steps of next_event(): an event (or NEED_DATA) for the caller, or None once the
+    # state has moved on and the next step may run.
+
+    def _on_flags(self) -> _NeedData | None:
         if len(self._in) < 4:
             return NEED_DATA
         (flags,) = _CLIENT_FLAGS.unpack_from(self._in)
@@ -502,9 +515,9 @@ class ServerHandshake:
             raise self._fail(f"unknown client flags 0x{flags:08x}")
         self.client_flags = flags
         self._transition("flags")
-        return self.next_event()
+        return None
 
-    def _on_option_header(self) -> _NeedData | ListExports | ExportRequest | Negotiated | Closed:
+    def _on_option_header(self) -> _NeedData | None:
         if len(self._in) < _OPTION_HDR.size:
             return NEED_DATA
         magic, option, length = _OPTION_HDR.unpack_from(self._in)
@@ -516,9 +529,9 @@ class ServerHandshake:
         self._option = option
         self._option_length = length
         self._transition("header")
-        return self.next_event()
+        return None
 
-    def _on_option_data(self) -> _NeedData | ListExports | ExportRequest | Negotiated | Closed:
+    def _on_option_data(self) -> _NeedData | ListExports | ExportRequest | Closed | None:
         length = self._option_length
         if len(self._in) < length:
             return NEED_DATA
@@ -529,7 +542,7 @@ class ServerHandshake:
         if event is not None:
             return event
         self._transition("answered")
-        return self.next_event()
+        return None
 
     # Option handlers: return an event for the shell, or None once answered here.
 

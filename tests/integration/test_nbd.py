@@ -402,6 +402,20 @@ async def test_option_errors_keep_negotiating(port):
     await c.aclose()
 
 
+@timeboxed(30)
+async def test_thousands_of_pipelined_options_are_all_answered(port):
+    # One send of 4000 unknown options (64000 bytes, one receive on the server): each gets
+    # ERR_UNSUP and the negotiation carries on (it used to end in a RecursionError).
+    c = await RawClient.connect(port)
+    await c.send((b"IHAVEOPT" + struct.pack(">II", 0x1234, 0)) * 4000)
+    for _ in range(4000):
+        assert await c.reply() == (0x1234, REP_ERR_UNSUP, b"")
+    size, _ = await c.go("malloc1")
+    assert size == 4 * MiB
+    await assert_still_serving(port, c, 1)
+    await c.aclose()
+
+
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
 @timeboxed(30)
 async def test_bad_requests_get_errors_and_connection_survives(port, structured):

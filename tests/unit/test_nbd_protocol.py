@@ -123,6 +123,15 @@ def test_unknown_option_gets_err_unsup_and_parsing_continues():
     )
 
 
+def test_thousands_of_pipelined_options_in_one_receive():
+    # 4096 options of 16 bytes fit in one 64 KiB receive; each is a step of next_event(), which
+    # must not recurse per option (it hit the recursion limit at about 250).
+    hs = negotiating()
+    hs.receive_data(opt(99) * 4096 + opt(Opt.LIST))
+    assert hs.next_event() == ListExports()
+    assert hs.data_to_send() == rep(99, 0x80000001) * 4096
+
+
 def test_list_golden():
     hs = negotiating()
     hs.receive_data(opt(Opt.LIST))
