@@ -2,7 +2,8 @@
 
     python3 scripts/_malloc_fuse.py MOUNTPOINT [--size 256M] [--block-size 512]
 
-The file is MOUNTPOINT/malloc0. Prints "READY" once mounted; SIGTERM/SIGINT unmount and exit.
+The file is MOUNTPOINT/malloc0. Prints "READY" once mounted; SIGTERM/SIGINT unmount and exit, and
+so does an unmount from outside (fusermount3 -u).
 Same `serve_fuse` and bdev layer as `blockfs mount`, minus the initiator: what the FUSE path
 costs on its own. Not a user command (scripts/bench starts it).
 """
@@ -33,8 +34,12 @@ async def main(a: argparse.Namespace) -> None:
                     nursery.cancel_scope.cancel()
                     return
 
+        async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            await serve_fuse(registry, a.mountpoint, task_status=task_status)
+            nursery.cancel_scope.cancel()     # unmounted from outside (fusermount3 -u): exit
+
         nursery.start_soon(stop_on_signal)
-        await nursery.start(serve_fuse, registry, a.mountpoint)
+        await nursery.start(serve)
         print("READY", flush=True)
 
 
