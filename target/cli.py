@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of sleeping in epoll (as SPDK polls; default 50, 0 = never)")
     p.add_argument("--sendfile-min", type=int, default=0, metavar="BYTES",
                    help="null reads of at least BYTES go out with sendfile from a zero memfd "
-                        "instead of a copy (default 0 = never: slower on loopback, docs/target.md)")
+                        "instead of a copy (default 0 = never; much slower than copying with "
+                        "BBR congestion control, faster with cubic: docs/target.md)")
     p.add_argument("--tcp-congestion", metavar="ALGO",
                    help="TCP congestion control of the connections, e.g. cubic (default: the "
                         "system's, net.ipv4.tcp_congestion_control; BBR paces every send, which "

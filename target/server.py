@@ -379,11 +379,7 @@ class TargetServer:
             c.setblocking(False)
             if c.family in (socket.AF_INET, socket.AF_INET6):
                 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.config.tcp_congestion:
-                    # Inherited from the listener already; set again so that a child never
-                    # keeps the system default (Linux copies it only when set on the listener
-                    # before the handshake).
-                    set_tcp_congestion(c, self.config.tcp_congestion)
+                # (--tcp-congestion: set on the listener, which its connections inherit)
             conn = Connection(self, c, f"{addr[0]}:{addr[1]}")
             if self.port_state == "blackhole":
                 conn.silent = True
