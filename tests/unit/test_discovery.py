@@ -1,0 +1,57 @@
+"""Connect-all's reading of a discovery log (blockfs/discovery.py, NVMe-oF 1.1 Figure 38/39):
+which entries are attached and at which address, and that an odd entry a target advertises
+(a TRSVCID that is no TCP port, an unknown TRTYPE) is skipped with a warning instead of
+ending the daemon or connecting somewhere else."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from blockfs.discovery import DiscoveryFollower, wanted_subsystems
+from initiator import _structs as st
+from initiator.controller import ControllerOptions
+
+HOST, PORT = "192.0.2.1", 8009
+
+
+def entry(nqn, *, traddr="198.51.100.7", trsvcid="4420", portid=1, **kw):
+    return st.DiscoveryLogEntry(subnqn=nqn, traddr=traddr, trsvcid=trsvcid, portid=portid, **kw)
+
+
+CURRENT = entry("nqn.2014-08.org.nvmexpress.discovery", portid=0,
+                subtype=st.SUBTYPE_CURRENT_DISCOVERY)
+
+
+def test_entries_are_attached_at_their_address_or_through_our_own_port():
+    entries = [CURRENT, entry("nqn.a", portid=0), entry("nqn.b", trsvcid="4421"),
+               entry("nqn.c", trsvcid=""), entry("nqn.rdma", trtype=1),
+               entry("nqn.ref", subtype=st.SUBTYPE_REFERRAL)]
+    assert wanted_subsystems(entries, HOST, PORT) == {
+        "nqn.a": (HOST, PORT), "nqn.b": ("198.51.100.7", 4421), "nqn.c": ("198.51.100.7", 4420)}
+
+
+@pytest.mark.parametrize("trsvcid", ["abc", "99999", "65536", "0", "-1", "4420x", "\u0664\u0664"])
+def test_an_entry_whose_trsvcid_is_no_tcp_port_is_skipped(trsvcid, caplog):
+    entries = [CURRENT, entry("nqn.bad", trsvcid=trsvcid), entry("nqn.good")]
+    with caplog.at_level(logging.WARNING, "blockfs.discovery"):
+        assert wanted_subsystems(entries, HOST, PORT) == {"nqn.good": ("198.51.100.7", 4420)}
+    assert "nqn.bad" in caplog.text and "TRSVCID" in caplog.text
+
+
+async def test_a_bad_trsvcid_appearing_in_the_log_does_not_end_the_follower():
+    attached = []
+
+    async def attach(nqn, host, port):
+        attached.append((nqn, host, port))
+
+    async def detach(nqn):
+        raise AssertionError(nqn)
+
+    f = DiscoveryFollower(HOST, PORT, ControllerOptions(), persistent=False, rescan_interval=0,
+                          attach=attach, detach=detach)
+    await f._apply(1, [CURRENT, entry("nqn.good")])
+    await f._apply(2, [CURRENT, entry("nqn.good"), entry("nqn.bad", trsvcid="abc")])
+    assert attached == [("nqn.good", "198.51.100.7", 4420)]
+    assert f.genctr == 2
