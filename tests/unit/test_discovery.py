@@ -55,3 +55,24 @@ async def test_a_bad_trsvcid_appearing_in_the_log_does_not_end_the_follower():
     await f._apply(2, [CURRENT, entry("nqn.good"), entry("nqn.bad", trsvcid="abc")])
     assert attached == [("nqn.good", "198.51.100.7", 4420)]
     assert f.genctr == 2
+
+
+async def test_an_address_that_cannot_be_resolved_is_logged_and_the_rest_attached(caplog):
+    # TRADDR is free text: "a..b" fails in IDNA encoding before any DNS query.
+    from initiator.transport import open_socket
+    attached = []
+
+    async def attach(nqn, host, port):
+        if nqn == "nqn.bad":
+            await open_socket(host, port, 1.0)
+        attached.append(nqn)
+
+    async def detach(nqn):
+        raise AssertionError(nqn)
+
+    f = DiscoveryFollower(HOST, PORT, ControllerOptions(), persistent=False, rescan_interval=0,
+                          attach=attach, detach=detach)
+    with caplog.at_level(logging.WARNING, "blockfs.discovery"):
+        await f._apply(1, [CURRENT, entry("nqn.bad", traddr="a..b"), entry("nqn.good")])
+    assert attached == ["nqn.good"] and sorted(f.attached) == ["nqn.good"]
+    assert "attaching nqn.bad at a..b:4420 failed: cannot resolve" in caplog.text
