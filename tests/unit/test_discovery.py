@@ -76,3 +76,46 @@ async def test_an_address_that_cannot_be_resolved_is_logged_and_the_rest_attache
         await f._apply(1, [CURRENT, entry("nqn.bad", traddr="a..b"), entry("nqn.good")])
     assert attached == ["nqn.good"] and sorted(f.attached) == ["nqn.good"]
     assert "attaching nqn.bad at a..b:4420 failed: cannot resolve" in caplog.text
+
+
+class FakeDiscoveryController:
+    """Controller.discovery_log's view of a controller: Get Log Page 70h from `page`, padded
+    with zeroes as nvmet pads a read past the end, and an MDTS."""
+
+    def __init__(self, page: bytes, max_transfer: int = 1 << 20) -> None:
+        self.page = page
+        self.max_transfer = max_transfer
+        self.reads: list[tuple[int, int]] = []
+
+    async def get_log_page(self, lid, length, *, offset=0, nsid=0, **kw):
+        assert lid == 0x70 and length % 4 == 0 and length <= self.max_transfer, length
+        self.reads.append((offset, length))
+        return bytearray(self.page[offset:offset + length].ljust(length, b"\0"))
+
+
+def discovery_page(entries, numrec=None, genctr=7):
+    raw = bytearray(st.build_discovery_log(genctr, entries))
+    if numrec is not None:
+        raw[8:16] = numrec.to_bytes(8, "little")
+    return bytes(raw)
+
+
+async def test_a_numrec_larger_than_the_log_reads_a_bounded_page(caplog):
+    from initiator.controller import MAX_DISCOVERY_RECORDS, Controller
+    real = [CURRENT, entry("nqn.good")]
+    fake = FakeDiscoveryController(discovery_page(real, numrec=2**40))
+    with caplog.at_level(logging.WARNING, "initiator.controller"):
+        genctr, entries = await Controller.discovery_log(fake)
+    assert genctr == 7 and entries[:2] == real and len(entries) == MAX_DISCOVERY_RECORDS
+    assert "NUMREC" in caplog.text
+    assert sum(n for off, n in fake.reads if off) == MAX_DISCOVERY_RECORDS * 1024
+    assert wanted_subsystems(entries, HOST, PORT) == {"nqn.good": ("198.51.100.7", 4420)}
+
+
+async def test_a_log_larger_than_one_transfer_is_read_in_pieces():
+    from initiator.controller import Controller
+    real = [CURRENT] + [entry(f"nqn.s{i}") for i in range(40)]
+    fake = FakeDiscoveryController(discovery_page(real), max_transfer=8192)
+    genctr, entries = await Controller.discovery_log(fake)
+    assert entries == real
+    assert max(n for _off, n in fake.reads) <= 8192
