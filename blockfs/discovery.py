@@ -33,22 +33,43 @@ log = logging.getLogger(__name__)
 PERSISTENT_DISCOVERY_KATO = 30.0
 
 
-def reachable_address(entry, discovery_entries, host: str, port: int) -> tuple[str, int]:
+def tcp_port(trsvcid: str) -> int | None:
+    """TRSVCID as a TCP port (NVMe/TCP: the port number in ASCII decimal; empty means 4420),
+    or None when it is not one. Checked here because getaddrinfo takes a port modulo 65536
+    (99999 would connect to 34463) and int() takes non-ASCII digits."""
+    if not trsvcid:
+        return 4420
+    if not (trsvcid.isascii() and trsvcid.isdigit()) or not 1 <= int(trsvcid) <= 65535:
+        return None
+    return int(trsvcid)
+
+
+def reachable_address(entry, discovery_entries, host: str, port: int) -> tuple[str, int] | None:
+    """Where to connect for `entry`, or None when its advertised TRSVCID is no TCP port."""
     own = [e for e in discovery_entries if e.subtype == st.SUBTYPE_CURRENT_DISCOVERY]
     if any(e.portid == entry.portid for e in own) or not entry.traddr:
         return host, port
-    return entry.traddr, int(entry.trsvcid or 4420)
+    svc = tcp_port(entry.trsvcid)
+    return None if svc is None else (entry.traddr, svc)
 
 
 def wanted_subsystems(entries, host: str, port: int, only_nqn: str | None = None) -> dict:
-    """subnqn -> (address, port) for every NVM subsystem entry over TCP."""
+    """subnqn -> (address, port) for every NVM subsystem entry over TCP; an entry whose
+    address cannot be used is skipped with a warning."""
     out = {}
     for e in entries:
         if e.subtype != st.SUBTYPE_NVME or e.trtype != st.TRTYPE_TCP:
             continue
         if only_nqn and e.subnqn != only_nqn:
             continue
-        out.setdefault(e.subnqn, reachable_address(e, entries, host, port))
+        if e.subnqn in out:
+            continue
+        addr = reachable_address(e, entries, host, port)
+        if addr is None:
+            log.warning("discovery: entry for %s has TRSVCID %r, not a TCP port: skipped",
+                        e.subnqn, e.trsvcid)
+            continue
+        out[e.subnqn] = addr
     return out
 
 

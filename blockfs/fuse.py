@@ -14,7 +14,8 @@ What it does:
   zeroes), ZERO_RANGE -> write zeroes, mode 0 / KEEP_SIZE within the size -> success, else EOPNOTSUPP.
 - O_TRUNC and truncate(2) are ignored, as opening /dev/sdX with O_TRUNC is: the size is the device's,
   so `dd of=MOUNT/nvme0n1` works as it does on /dev/nvme0n1. create/mknod/mkdir/symlink/link/unlink/
-  rmdir/rename -> EPERM (EROFS on a read-only mount); chmod/chown -> EPERM (use the mount options).
+  rmdir/rename -> EPERM (EROFS on a read-only mount); chmod/chown -> EPERM (use the mount options),
+  except to the mode/owner the file already has (a no-op, as POSIX allows the owner).
 - When a handle that wrote to a whole-device file (not a partition) is released, the registry
   re-reads that device's partition table in the background (udev's "watch" rule), so `sgdisk` on the
   file makes the partition files appear.
@@ -325,17 +326,26 @@ class BlockFs(pyfuse3.Operations):
                 entry.lookups -= n
                 self._maybe_forget(entry)
 
+    @staticmethod
+    def _changes_owner_or_mode(attr: Any, fields: Any, have: pyfuse3.EntryAttributes) -> bool:
+        """True when a setattr would change mode, uid or gid; setting what the file already has
+        is a no-op the owner may do (POSIX chmod/chown; cp -p, install -m on a device file)."""
+        return ((fields.update_mode and attr.st_mode & 0o7777 != have.st_mode & 0o7777)
+                or (fields.update_uid and attr.st_uid != have.st_uid)
+                or (fields.update_gid and attr.st_gid != have.st_gid))
+
     @_errno_boundary
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
-            if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size:
+            have = self._root_attrs()
+            if self._changes_owner_or_mode(attr, fields, have) or fields.update_size:
                 raise FUSEError(errno.EPERM)
-            return self._root_attrs()
-        entry = self._entry(inode)
-        if fields.update_mode or fields.update_uid or fields.update_gid:
+            return have
+        have = self._attrs(self._entry(inode))
+        if self._changes_owner_or_mode(attr, fields, have):
             raise FUSEError(errno.EPERM)
         # update_size: ignored, as O_TRUNC / truncate on a block device; times: accepted, not kept.
-        return self._attrs(entry)
+        return have
 
     @_errno_boundary
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

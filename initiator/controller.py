@@ -48,6 +48,9 @@ MAX_AERS = 8                   # SPDK NVME_MAX_ASYNC_EVENTS
 CTRATT_TBKAS = 1 << 6          # Base 5.17.2.1: Traffic Based Keep Alive Support
 # Per-command transfer cap: the kernel host's NVME_TCP_MAX_SEGMENTS (256) pages = 1 MiB.
 TRANSPORT_MAX_TRANSFER = 1 << 20
+# The most discovery log records read: NUMREC comes from the target, and 2**40 of them would
+# be one bytearray of 1 PiB (a MemoryError). 1024 records are 1 MiB, one transfer.
+MAX_DISCOVERY_RECORDS = 1024
 TIMEOUT_TICK = 0.5             # resolution of command timeout detection, seconds
 
 
@@ -350,16 +353,26 @@ class Controller:
         return st.parse_changed_ns_list(await self.get_log_page(LogPage.CHANGED_NS_LIST, 4096))
 
     async def discovery_log(self, max_tries: int = 10) -> tuple[int, list]:
-        """NVMe-oF 5.3 / libnvme: header, entries, header again; retry while GENCTR moves."""
+        """NVMe-oF 5.3 / libnvme: header, entries, header again; retry while GENCTR moves.
+        At most MAX_DISCOVERY_RECORDS entries are read (NUMREC is the target's word), in
+        pieces no larger than one transfer (MDTS), as libnvme does."""
         for _ in range(max_tries):
             hdr = st.DiscoveryLogHeader.from_bytes(await self.get_log_page(LogPage.DISCOVERY, 1024,
                                                                            nsid=0))
+            numrec = hdr.numrec
+            if numrec > MAX_DISCOVERY_RECORDS:
+                log.warning("discovery log: NUMREC %d, only the first %d records are read",
+                            numrec, MAX_DISCOVERY_RECORDS)
+                numrec = MAX_DISCOVERY_RECORDS
             entries = []
-            if hdr.numrec:
-                raw = await self.get_log_page(LogPage.DISCOVERY, 1024 * hdr.numrec, offset=1024,
-                                              nsid=0)
-                entries = [st.DiscoveryLogEntry.from_bytes(raw[i * 1024:(i + 1) * 1024])
-                           for i in range(hdr.numrec)]
+            step = max(1, self.max_transfer // st.DISCOVERY_ENTRY_SIZE)
+            for first in range(0, numrec, step):
+                n = min(step, numrec - first)
+                raw = await self.get_log_page(
+                    LogPage.DISCOVERY, n * st.DISCOVERY_ENTRY_SIZE,
+                    offset=st.DISCOVERY_HEADER_SIZE + first * st.DISCOVERY_ENTRY_SIZE, nsid=0)
+                entries += [st.DiscoveryLogEntry.from_bytes(raw, i * st.DISCOVERY_ENTRY_SIZE)
+                            for i in range(n)]
             again = st.DiscoveryLogHeader.from_bytes(await self.get_log_page(LogPage.DISCOVERY, 1024,
                                                                              nsid=0))
             if again.genctr == hdr.genctr:

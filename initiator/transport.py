@@ -84,14 +84,20 @@ _SPLICE_STEP = 64 * 1024
 
 async def open_socket(host: str, port: int, timeout: float,
                       tcp_congestion: str | None = None) -> socket.socket:
-    """A connected non-blocking TCP socket, or ConnectTimeout/ConnectionLost. Never blocks trio.
+    """A connected non-blocking TCP socket, or ConnectTimeout/ConnectionLost (also for a name
+    that cannot be encoded for a lookup), or socket.gaierror. Never blocks trio.
     `tcp_congestion` picks the socket's congestion control before the handshake (ValueError
     when this kernel does not offer it)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
-    except socket.gaierror:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+        except socket.gaierror:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError as e:
+        # Both encode the name with IDNA, which refuses an empty or over-long label ("a..b";
+        # a discovery log's TRADDR is free text) before any lookup.
+        raise ConnectionLost(f"cannot resolve {host!r}: {e}") from None
     family, stype, proto, _cn, addr = infos[0]
     sock = socket.socket(family, stype, proto)
     sock.setblocking(False)

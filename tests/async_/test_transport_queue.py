@@ -534,3 +534,12 @@ async def test_a_receive_window_smaller_than_a_splice_step_still_completes(nurse
     finally:
         q.close()
         b.close()
+
+
+@pytest.mark.parametrize("host", ["a..b", "a" * 64 + ".example", ".", "\ufffd"])
+async def test_a_host_name_idna_cannot_encode_is_a_transport_error(host):
+    # trio's getaddrinfo encodes names with IDNA, which raises UnicodeError (a ValueError) on
+    # an empty or over-long label: that must arrive as the typed error every caller handles.
+    from initiator.transport import open_socket
+    with pytest.raises(ConnectionLost, match="cannot resolve"):
+        await open_socket(host, 4420, 1.0)

@@ -288,6 +288,23 @@ def test_namespace_changes_are_refused(mount):
     assert sorted(os.listdir(p))[-2:] == ["malloc0", "malloc1"]
 
 
+def test_chmod_and_chown_to_what_the_file_has_succeed(mount):
+    # A no-op, which POSIX lets the owner do (cp -p, install -m, tar -p on a device file);
+    # only a change is refused.
+    f = mount / "malloc0"
+    st = os.stat(f)
+    os.chmod(f, st.st_mode & 0o7777)
+    os.chown(f, st.st_uid, st.st_gid)
+    os.chown(f, -1, st.st_gid)
+    os.chmod(mount.path, 0o755)
+    os.chown(mount.path, st.st_uid, st.st_gid)
+    assert oserror(os.chmod, f, 0o640) == errno.EPERM
+    assert oserror(os.chmod, mount.path, 0o700) == errno.EPERM
+    assert oserror(os.chown, f, st.st_uid + 1, -1) == errno.EPERM
+    assert oserror(os.chown, f, -1, st.st_gid + 1) == errno.EPERM
+    assert os.stat(f).st_mode == st.st_mode
+
+
 def test_sgdisk_on_the_file_makes_partition_files(mount):
     need("sgdisk")
     disk = mount / "malloc0"

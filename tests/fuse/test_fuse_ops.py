@@ -88,7 +88,11 @@ async def test_read_write_semantics_and_errno_boundary():
     assert b.flushes == 1
     a = await fs.setattr(ino, None, fields(update_size=True), fh, None)  # truncate: ignored
     assert a.st_size == 4096
-    assert await fuse_errno(fs.setattr(ino, None, fields(update_mode=True), fh, None)) == errno.EPERM
+    chmod = types.SimpleNamespace(st_mode=0o100644, st_uid=a.st_uid, st_gid=a.st_gid)
+    assert await fuse_errno(fs.setattr(ino, chmod, fields(update_mode=True), fh, None)) == errno.EPERM
+    same = types.SimpleNamespace(st_mode=a.st_mode, st_uid=a.st_uid, st_gid=a.st_gid)
+    assert (await fs.setattr(ino, same, fields(update_mode=True, update_uid=True, update_gid=True),
+                             fh, None)).st_mode == a.st_mode  # a no-op chmod/chown succeeds
     b.hot_remove()  # BdevError(ENODEV) reaches the caller as ENODEV
     assert await fuse_errno(fs.read(fh, 0, 10)) == errno.ENODEV
     assert await fuse_errno(fs.write(fh, 0, b"x")) == errno.ENODEV
