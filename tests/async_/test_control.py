@@ -4,13 +4,12 @@ task used to end the whole daemon (its nursery), unmounting every file."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import trio
 
 from bdev import BdevError
 from blockfs.control import ControlError, call, serve_control
+from helpers.jsonlines import exchange
 from initiator.session import ControllerUnavailable
 
 pytestmark = pytest.mark.trio
@@ -36,16 +35,6 @@ METHODS = {"echo": _echo, "rescan": _controller_failed, "examine": _bdev_failed,
            "add": _wrong_type}
 
 
-async def _exchange(stream, line: bytes) -> dict:
-    await stream.send_all(line + b"\n")
-    buf = b""
-    while b"\n" not in buf:
-        data = await stream.receive_some(65536)
-        assert data, "the daemon closed the connection"
-        buf += data
-    return json.loads(buf)
-
-
 @pytest.mark.parametrize("line, code", [
     (b"{not json", -32700),
     (b"[" * 100_000, -32700),                      # deeper than json parses: RecursionError
@@ -68,12 +57,12 @@ async def test_a_bad_request_gets_an_error_and_the_server_goes_on(tmp_path, line
         await nursery.start(serve_control, path, METHODS)
         stream = await trio.open_unix_socket(path)
         async with stream:
-            rep = await _exchange(stream, line)
+            rep = await exchange(stream, line)
             assert rep["jsonrpc"] == "2.0" and "result" not in rep
             assert rep["error"]["code"] == code, rep
             assert rep["error"]["message"]
             # The same connection still answers...
-            rep = await _exchange(stream, b'{"jsonrpc": "2.0", "id": 7, "method": "echo", '
+            rep = await exchange(stream, b'{"jsonrpc": "2.0", "id": 7, "method": "echo", '
                                           b'"params": {"a": 1}}')
             assert rep == {"jsonrpc": "2.0", "id": 7, "result": {"a": 1}}
         # ... and so does a new one (the CLI's blocking client, in a thread).
@@ -87,11 +76,11 @@ async def test_an_error_reply_carries_the_request_id_and_the_reason(tmp_path):
         await nursery.start(serve_control, path, METHODS)
         stream = await trio.open_unix_socket(path)
         async with stream:
-            rep = await _exchange(stream, b'{"jsonrpc": "2.0", "id": "r1", "method": "rescan"}')
+            rep = await exchange(stream, b'{"jsonrpc": "2.0", "id": "r1", "method": "rescan"}')
             assert rep["id"] == "r1"
             assert "ctrl-loss-tmo expired" in rep["error"]["message"]
             # An id that JSON-RPC does not allow (an object) is answered with id null.
-            rep = await _exchange(stream, b'{"id": {"x": 1}, "method": "nope"}')
+            rep = await exchange(stream, b'{"id": {"x": 1}, "method": "nope"}')
             assert rep["id"] is None and rep["error"]["code"] == -32601
         with pytest.raises(ControlError, match="ctrl-loss-tmo expired"):
             await trio.to_thread.run_sync(call, path, "rescan")

@@ -1,10 +1,9 @@
 """Each fault switch toggled through the control socket and observed on the wire."""
 
-import json
-
 import pytest
 import trio
 
+from helpers.jsonlines import exchange
 from initiator import _structs as st
 from initiator._errors import RemoteProtocolError
 from initiator._pdu import sqe
@@ -47,13 +46,7 @@ async def test_malformed_control_requests_leave_the_target_serving(target):
     async with stream:
         for line, code in ((b"[" * 100_000, -32700), (b'{"method": {"a": 1}}', -32600),
                            (b"[1]", -32600)):
-            await stream.send_all(line + b"\n")
-            buf = b""
-            while b"\n" not in buf:
-                data = await stream.receive_some(65536)
-                assert data, "the target closed the control connection"
-                buf += data
-            assert json.loads(buf)["error"]["code"] == code
+            assert (await exchange(stream, line))["error"]["code"] == code
     assert (await acall(target.control_path, "list"))["subsystems"][0]["nqn"] == NQN
 
 
