@@ -11,10 +11,13 @@ process of a daemonized mount can exit 0 only once the mount is usable (like ssh
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import signal
+import stat
 import time
 from typing import Callable
 
@@ -38,9 +41,40 @@ class StartupError(Exception):
     """Start-up failed before anything was served; the message is for the user."""
 
 
+def mounted_fstype(path: str) -> str | None:
+    """The type of the file system mounted at `path` ("fuse.blockfs", ...), from
+    /proc/self/mounts, or None. Unlike os.path.ismount this also sees a FUSE mount whose daemon
+    is gone (stat of it fails with ENOTCONN)."""
+    path = os.path.abspath(path)
+    found = None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3 and _unescape_mount_path(fields[1]) == path:
+                    found = fields[2]          # the last mount on a path is the visible one
+    except OSError:
+        return None
+    return found
+
+
+def _unescape_mount_path(s: str) -> str:
+    # /proc/self/mounts writes space, tab, newline and backslash as octal escapes (\040 ...).
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
 def check_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            # A FUSE mount whose daemon is gone (killed, crashed): the kernel answers ENOTCONN.
+            raise StartupError(f"mountpoint {path} is a FUSE mount whose daemon is gone "
+                               f"(transport endpoint not connected): unmount it first with "
+                               f"'blockfs umount {path}' or 'fusermount3 -u {path}'") from None
+        raise StartupError(f"mountpoint {path} does not exist or is not a directory") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"mountpoint {path} does not exist or is not a directory")
     if os.path.ismount(path):
         raise StartupError(f"mountpoint {path} is busy (something is already mounted there)")

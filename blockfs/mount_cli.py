@@ -195,9 +195,11 @@ def _runfile_ok(info) -> bool:
 
 
 def cmd_umount(args) -> int:
+    from .daemon import mounted_fstype
     mp = os.path.abspath(args.mountpoint)
     owner = next((i for i in _runfiles() if i.get("mountpoint") == mp), None)
-    if not os.path.ismount(mp) and owner is None:
+    fstype = mounted_fstype(mp)
+    if owner is None and fstype != "fuse.blockfs":
         print(f"blockfs umount: {mp} is not a blockfs mount", file=sys.stderr)
         return 1
     if owner is not None and owner.get("control"):
@@ -222,7 +224,7 @@ def cmd_umount(args) -> int:
             print(f"blockfs umount: daemon {owner['pid']} did not exit within "
                   f"{args.timeout:g} s", file=sys.stderr)
             return 1
-    if os.path.ismount(mp):
+    if mounted_fstype(mp) == "fuse.blockfs":
         subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
     return 0
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from blockfs.daemon import mounted_fstype
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -78,7 +80,7 @@ class MountFactory:
                 if clean:
                     m.umount()
             finally:
-                if os.path.ismount(m.path):
+                if mounted_fstype(m.path):      # also a mount whose daemon is gone
                     run("fusermount3", "-u", "-z", m.path, check=False)
                 try:
                     os.kill(m.pid, 9)

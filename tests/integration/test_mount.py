@@ -6,14 +6,17 @@ checks use ordinary tools (dd, sgdisk, mkfs.ext4, e2fsck, fio, fallocate) on the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 
 import pytest
 
+from blockfs.daemon import mounted_fstype
 from mount_helpers import REPO, MountFactory, run, wait_for
 
 pytestmark = [pytest.mark.fuse]
@@ -120,6 +123,33 @@ def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp
     m.umount()
     assert not os.path.ismount(m.path)
     assert kt.wait_connections(0, 10.0) == 0
+
+
+def test_a_mount_whose_daemon_died_is_named_as_such_and_cleaned_up(mount):
+    """kill -9 of the daemon leaves a FUSE mount the kernel answers with ENOTCONN, which
+    os.path.ismount does not see: `blockfs mount` on it said "does not exist", `blockfs umount`
+    said "not a blockfs mount"."""
+    m = mount()
+    os.kill(m.pid, signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{m.pid}"), 10)
+    with pytest.raises(OSError) as e:
+        os.stat(m.path)
+    assert e.value.errno == errno.ENOTCONN
+    assert mounted_fstype(m.path) == "fuse.blockfs"
+    kt = m.kt
+    again = ("mount", "-a", kt.host, "-s", str(kt.port), "-n", kt.nqn, m.path)
+    r = m.blockfs(*again)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "daemon is gone" in r.stderr and "blockfs umount" in r.stderr
+    r = m.blockfs("umount", m.path)
+    assert r.returncode == 0, r.stderr
+    assert mounted_fstype(m.path) is None
+    # ... and the path takes a new mount
+    r = m.blockfs(*again, "--control", m.control)
+    assert r.returncode == 0, r.stderr
+    assert "nvme0n1" in os.listdir(m.path)
+    r = m.blockfs("umount", m.path)
+    assert r.returncode == 0 and mounted_fstype(m.path) is None, r.stderr
 
 
 def _raw_control(path: str, lines: list[bytes]) -> list[dict]:
