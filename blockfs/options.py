@@ -8,6 +8,7 @@ import math
 import re
 import uuid
 
+from initiator._fabrics import NQN_MAX
 from initiator.controller import ControllerOptions
 from initiator.session import ReconnectPolicy
 
@@ -88,6 +89,15 @@ def _hostid(s: str) -> str:
         raise argparse.ArgumentTypeError(f"'{s}' is not a UUID") from None
 
 
+def _nqn(s: str) -> str:
+    """NVMe Base 4.5: an NQN is 1 to 223 bytes of UTF-8 (the Connect data has 256 with NUL
+    padding). Checked here so a bad one is a usage error, not a failed Connect."""
+    n = len(s.encode("utf-8", "surrogateescape"))
+    if not 1 <= n <= NQN_MAX:
+        raise argparse.ArgumentTypeError(f"an NQN is 1 to {NQN_MAX} bytes, not {n}")
+    return s
+
+
 def add_transport(p: argparse.ArgumentParser, *, need_nqn: bool = True,
                   nqn_required: bool = True) -> None:
     g = p.add_argument_group("transport")
@@ -97,10 +107,10 @@ def add_transport(p: argparse.ArgumentParser, *, need_nqn: bool = True,
     g.add_argument("-s", "--trsvcid", type=_positive_int(1, 65535), default=DEFAULT_PORT,
                    help=f"target TCP port (default {DEFAULT_PORT})")
     if need_nqn:
-        g.add_argument("-n", "--nqn", required=nqn_required,
+        g.add_argument("-n", "--nqn", required=nqn_required, type=_nqn,
                        help="subsystem NQN" + ("" if nqn_required else
                                               " (with --discovery: attach only this one)"))
-    g.add_argument("-q", "--hostnqn", default=None, help="host NQN (default: /etc/nvme/hostnqn "
+    g.add_argument("-q", "--hostnqn", default=None, type=_nqn, help="host NQN (default: /etc/nvme/hostnqn "
                    "or one derived from the machine id)")
     g.add_argument("-I", "--hostid", type=_hostid, default=None, help="host identifier (UUID)")
 

@@ -36,11 +36,23 @@ TARGET = ["-a", "127.0.0.1", "-s", "1", "-n", "nqn.2026-01.io.blockfs:none"]
     ["mount", "-f", *TARGET, "/nonexistent", "--uid", "99999999999"],
     ["mount", "-f", *TARGET, "/nonexistent", "--gid", "-2"],
     ["mount", "-f", *TARGET, "/nonexistent", "--uid", "4294967295"],
+    # NQNs are 1..223 bytes (NVMe Base 4.5): found at Connect time, exit 1, before.
+    ["id-ctrl", "-a", "127.0.0.1", "-s", "1", "-n", ""],
+    ["id-ctrl", "-a", "127.0.0.1", "-s", "1", "-n", "n" * 224],
+    ["id-ctrl", "-a", "127.0.0.1", "-s", "1", "-n", "\u00e9" * 112],   # 224 bytes of UTF-8
+    ["id-ctrl", *TARGET, "-q", ""],
+    ["nbd", "-f", *TARGET, "-q", "h" * 300],
 ])
 def test_bad_values_are_one_line_and_status_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_longest_nqn_is_accepted():
+    from blockfs.cli import build_parser
+    nqn = "nqn.2026-01.io.blockfs:" + "x" * (223 - 23)
+    assert build_parser().parse_args(["id-ctrl", "-a", "h", "-n", nqn]).nqn == nqn
 
 
 def test_largest_keep_alive_is_accepted():
