@@ -28,6 +28,7 @@ import time
 import trio
 
 from initiator.controller import open_controller
+from initiator.session import ns_unusable
 from initiator.transport import POLL_IDLE
 
 from .options import controller_options
@@ -163,6 +164,9 @@ async def run_bench(args) -> dict:
         ns = c.namespaces.get(nsid)
         if ns is None:
             raise SystemExit(f"blockfs bench: namespace {nsid} is not active on {args.nqn}")
+        why = ns_unusable(ns, c.max_transfer)
+        if why:
+            raise SystemExit(f"blockfs bench: namespace {nsid} cannot be used: {why}")
         bs = ns.block_size
         if args.bs % bs:
             raise SystemExit(f"blockfs bench: --bs {args.bs} is not a multiple of the "
