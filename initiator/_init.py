@@ -155,6 +155,18 @@ class ControllerInit:
             self._go(InitState.READ_CAP)
         elif st is InitState.READ_CAP:
             self.cap = dw0 | (dw1 << 32)
+            mpsmin = (self.cap >> 48) & 0xF
+            if mpsmin:
+                # Base 3.1.3.5: the host shall set CC.MPS >= CAP.MPSMIN; this host's memory page
+                # is 4 KiB (CC.MPS 0), as the kernel host's ("Minimum device page size too large
+                # for host": -ENODEV).
+                self.state = InitState.ERROR
+                raise InitError(st, f"CAP.MPSMIN asks for memory pages of at least "
+                                    f"{4096 << mpsmin} bytes; this host uses 4096")
+            if not self.cap & 0xFFFF:
+                self.state = InitState.ERROR
+                raise InitError(st, "CAP.MQES is 0; the smallest queue is 2 entries "
+                                    "(Base 3.1.3.1)")
             self._go(InitState.READ_CC)
         elif st is InitState.READ_CC:
             self.cc = dw0

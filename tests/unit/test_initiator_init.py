@@ -285,6 +285,27 @@ def test_property_error_fails_bring_up():
     assert ei.value.state is S.READ_CAP
 
 
+@pytest.mark.parametrize("mpsmin", [1, 4, 15])
+def test_cap_mpsmin_above_4k_fails_bring_up(mpsmin):
+    # The host's memory page is 4 KiB (CC.MPS 0); Base 3.1.3.5 wants CC.MPS >= CAP.MPSMIN.
+    init = make()
+    fake = FakeController()
+    fake.cap |= mpsmin << 48
+    with pytest.raises(InitError) as ei:
+        drive(init, fake)
+    assert ei.value.state is S.READ_CAP and "MPSMIN" in str(ei.value)
+    assert not any(a[0] == "prop_set" for a in fake.actions)      # CC never written
+
+
+def test_cap_mqes_zero_fails_bring_up():
+    init = make()
+    fake = FakeController()
+    fake.cap &= ~0xFFFF
+    with pytest.raises(InitError) as ei:
+        drive(init, fake)
+    assert ei.value.state is S.READ_CAP and "MQES" in str(ei.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Queues and asynchronous events
 
