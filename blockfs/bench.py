@@ -179,9 +179,10 @@ async def run_bench(args) -> dict:
         if span < 0:
             raise SystemExit("blockfs bench: --bs is larger than the namespace")
         nq = len(c.io_queues)
-        if args.mode == "callback" and args.qd > nq * (opts.queue_size - 1):
+        qsize = c.io_queue_size
+        if args.mode == "callback" and args.qd > nq * (qsize - 1):
             raise SystemExit(f"blockfs bench: --qd {args.qd} exceeds the queues' slots "
-                             f"({nq} x {opts.queue_size - 1}); use --mode task or more -i")
+                             f"({nq} x {qsize - 1}); use --mode task or more -i")
         drive = _callback_slots if args.mode == "callback" else _task_slots
         now = time.perf_counter
 

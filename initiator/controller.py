@@ -279,9 +279,25 @@ class Controller:
             for _ in range(min(aerl + 1, MAX_AERS)):
                 self._nursery.start_soon(self._aer_loop)
         if not o.discovery:
+            size = self.io_queue_size
+            if size < o.queue_size:
+                log.info("I/O queue size %d clamped to %d (CAP.MQES %d, MAXCMD %d)",
+                         o.queue_size, size, self.cap & 0xFFFF, getattr(self.ctrl, "maxcmd", 0))
             for qid in range(1, init.io_queues + 1):
-                self.io_queues.append(await self._connect_queue(qid, o.queue_size))
+                self.io_queues.append(await self._connect_queue(qid, size))
         self._nursery.start_soon(self._timeout_checker)
+
+    @property
+    def io_queue_size(self) -> int:
+        """Entries per I/O queue: -Q, clamped to CAP.MQES + 1 (Base 3.1.3.1: the largest queue
+        the controller supports; a Connect SQSIZE above it is refused) and to MAXCMD (Base
+        5.17.2.1, mandatory on fabrics: commands the controller takes at once), as the kernel
+        host (nvme_tcp_setup_ctrl: "clamping down") and SPDK clamp them."""
+        size = min(self.opts.queue_size, (self.cap & 0xFFFF) + 1)
+        maxcmd = getattr(self.ctrl, "maxcmd", 0)
+        if maxcmd:
+            size = min(size, maxcmd)
+        return max(size, 2)
 
     # -- admin commands ---------------------------------------------------------------------
     async def property_get(self, offset: int, size8: bool = False) -> tuple[int, int]:

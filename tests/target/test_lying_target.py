@@ -117,3 +117,33 @@ async def test_block_larger_than_the_max_transfer_is_unusable():
     ident = st.IdentifyNamespace.from_bytes(st.build_identify_namespace(nsze=8,
                                                                         block_size=16384))
     assert "maximum transfer" in ns_unusable(ident, max_transfer=8192)
+
+
+# -- CAP.MQES and MAXCMD: the I/O queue size ---------------------------------------------------
+
+async def test_io_queues_clamped_to_cap_mqes(make_target):
+    """A target whose queues hold 32 entries (CAP.MQES 31) refuses a Connect with SQSIZE 127:
+    -Q 128 is clamped, as the kernel host and SPDK clamp it, instead of failing to connect."""
+    t = await make_target(queue_size=32)
+    with trio.fail_after(15):
+        async with open_controller("127.0.0.1", t.port, NQN, opts(queue_size=128)) as c:
+            assert c.io_queue_size == 32
+            assert all(q.core.depth == 31 for q in c.io_queues)
+            async with trio.open_nursery() as n:          # more I/O than slots: they wait
+                for i in range(40):
+                    n.start_soon(c.read, 1, i, 1, memoryview(bytearray(512)))
+
+
+async def test_io_queues_clamped_to_maxcmd(make_target, monkeypatch):
+    orig = tctl.Controller.identify_controller
+
+    def identify(self):
+        b = bytearray(orig(self))
+        struct.pack_into("<H", b, 514, 16)       # MAXCMD 16
+        return bytes(b)
+    monkeypatch.setattr(tctl.Controller, "identify_controller", identify)
+    t = await make_target()
+    with trio.fail_after(15):
+        async with open_controller("127.0.0.1", t.port, NQN, opts(queue_size=128)) as c:
+            assert c.io_queue_size == 16
+            assert all(q.core.depth == 15 for q in c.io_queues)
