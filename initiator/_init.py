@@ -76,8 +76,10 @@ class ControllerInit:
 
     def __init__(self, *, nr_io_queues: int, discovery: bool = False, now: float = 0.0,
                  parse_identify_controller=None, parse_identify_namespace=None,
-                 parse_ns_descriptors=None, parse_ns_list=None, configure_aer: bool = True):
+                 parse_ns_descriptors=None, parse_ns_list=None, configure_aer: bool = True,
+                 cntlid: int | None = None):
         self.state = InitState.READ_VS
+        self.cntlid = cntlid         # from the admin Connect; None: not checked
         self.discovery = discovery
         self.nr_io_queues = nr_io_queues
         self.configure_aer = configure_aer
@@ -197,6 +199,7 @@ class ControllerInit:
                 self._go(InitState.IDENTIFY_CTRLR)
         elif st is InitState.IDENTIFY_CTRLR:
             self.ctrl = self._parse_ctrl(data) if self._parse_ctrl else bytes(data)
+            self._check_identify_controller(st)
             if self.discovery:
                 oaes = getattr(self.ctrl, "oaes", 0)
                 self.aec = AEC_DISCOVERY_LOG if (oaes & OAES_DISCOVERY_LOG) else 0
@@ -245,6 +248,25 @@ class ControllerInit:
             self._next_ns()
         else:
             raise LocalProtocolError(f"on_result in state {st}")
+
+    def _check_identify_controller(self, st: InitState) -> None:
+        """What the fabrics part of Identify Controller must agree with (the kernel host's
+        checks in nvme_init_identify and nvme_tcp_setup_ctrl)."""
+        c = self.ctrl
+        cntlid = getattr(c, "cntlid", None)
+        if self.cntlid is not None and cntlid is not None and cntlid != self.cntlid:
+            # Base 5.17.2.1 CNTLID: the controller's identifier, the one the admin Connect
+            # returned (NVMe-oF 1.1 3.3); another one is another controller's data.
+            self.state = InitState.ERROR
+            raise InitError(st, f"Identify Controller CNTLID {cntlid:#x} is not the "
+                                f"{self.cntlid:#x} the Connect response gave")
+        if not self.discovery and getattr(c, "icdoff", 0):
+            # NVMe-oF 1.1 4.1 ICDOFF: in-capsule data starts ICDOFF * 16 bytes after the SQE;
+            # this host places it right after the SQE (the kernel host: "icdoff is not
+            # supported!"), so its in-capsule writes would land at the wrong offset.
+            self.state = InitState.ERROR
+            raise InitError(st, f"the controller wants in-capsule data at offset "
+                                f"{c.icdoff * 16} (ICDOFF), which this host does not support")
 
     def _next_ns(self) -> None:
         if self._ns_idx < len(self.active_ns):

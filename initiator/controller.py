@@ -234,7 +234,7 @@ class Controller:
         o = self.opts
         self.admin = await self._connect_queue(0, ADMIN_QUEUE_SIZE)
         init = ControllerInit(nr_io_queues=o.nr_io_queues, discovery=o.discovery,
-                              now=trio.current_time(), configure_aer=o.aer,
+                              now=trio.current_time(), configure_aer=o.aer, cntlid=self.cntlid,
                               parse_identify_controller=st.IdentifyController.from_bytes,
                               parse_identify_namespace=st.IdentifyNamespace.from_bytes,
                               parse_ns_descriptors=st.parse_ns_descriptors,

@@ -147,3 +147,31 @@ async def test_io_queues_clamped_to_maxcmd(make_target, monkeypatch):
         async with open_controller("127.0.0.1", t.port, NQN, opts(queue_size=128)) as c:
             assert c.io_queue_size == 16
             assert all(q.core.depth == 15 for q in c.io_queues)
+
+
+# -- Identify Controller fields bring-up must agree with --------------------------------------
+
+def patch_ctrl(monkeypatch, offset: int, fmt: str, value) -> None:
+    orig = tctl.Controller.identify_controller
+
+    def identify(self):
+        b = bytearray(orig(self))
+        struct.pack_into(fmt, b, offset, value)
+        return bytes(b)
+    monkeypatch.setattr(tctl.Controller, "identify_controller", identify)
+
+
+@pytest.mark.parametrize("field,offset,fmt,value,words", [
+    ("icdoff", 1800, "<H", 1, "ICDOFF"),
+    ("cntlid", 78, "<H", 0x7FFF, "CNTLID"),
+])
+async def test_identify_controller_contradiction_fails_bring_up(make_target, monkeypatch, field,
+                                                                 offset, fmt, value, words):
+    from initiator._init import InitError
+    patch_ctrl(monkeypatch, offset, fmt, value)
+    t = await make_target()
+    with trio.fail_after(15):
+        with pytest.raises(InitError) as ei:
+            async with open_controller("127.0.0.1", t.port, NQN, opts()):
+                pass
+    assert words in str(ei.value)

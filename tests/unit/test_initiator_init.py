@@ -36,8 +36,9 @@ class FakeController:
     def __init__(self, *, cc: int = 0, to: int = 20, rdy_polls: int = 2, not_rdy_polls: int = 2,
                  cfs: bool = False, never_ready: bool = False, oaes: int = 0,
                  nsids=(1, 2), granted: tuple[int, int] | None = None, fail=None,
-                 cntrltype: int = st.CNTRLTYPE_IO, vanish=()):
+                 cntrltype: int = st.CNTRLTYPE_IO, vanish=(), icdoff: int = 0):
         self.cc = cc
+        self.icdoff = icdoff
         self.cap = cap(to)
         self.rdy = bool(cc & 1)
         self.rdy_polls, self.not_rdy_polls = rdy_polls, not_rdy_polls
@@ -88,7 +89,8 @@ class FakeController:
             cns, nsid = act[1], act[2]
             if cns == Cns.CONTROLLER:
                 return "ok", (0, 0, st.build_identify_controller(
-                    oaes=self.oaes, nn=max(self.nsids, default=0), cntrltype=self.cntrltype))
+                    oaes=self.oaes, nn=max(self.nsids, default=0), cntrltype=self.cntrltype,
+                    icdoff=self.icdoff))
             if cns == Cns.ACTIVE_NS_LIST:
                 return "ok", (0, 0, st.build_ns_list(self.nsids, greater_than=nsid))
             if cns == Cns.NAMESPACE:
@@ -110,6 +112,7 @@ def make(**kw) -> ControllerInit:
     return ControllerInit(
         nr_io_queues=kw.pop("nr_io_queues", 4), discovery=kw.pop("discovery", False),
         now=kw.pop("now", 0.0), configure_aer=kw.pop("configure_aer", True),
+        cntlid=kw.pop("cntlid", None),
         parse_identify_controller=st.IdentifyController.from_bytes,
         parse_identify_namespace=st.IdentifyNamespace.from_bytes,
         parse_ns_descriptors=st.parse_ns_descriptors, parse_ns_list=st.parse_ns_list)
@@ -304,6 +307,23 @@ def test_cap_mqes_zero_fails_bring_up():
     with pytest.raises(InitError) as ei:
         drive(init, fake)
     assert ei.value.state is S.READ_CAP and "MQES" in str(ei.value)
+
+
+def test_identify_controller_cntlid_must_match_connect():
+    # The kernel host: "Mismatching cntlid: Connect %u vs Identify %u, rejecting".
+    init = make(cntlid=5)
+    fake = FakeController()             # identifies as CNTLID 0
+    with pytest.raises(InitError) as ei:
+        drive(init, fake)
+    assert ei.value.state is S.IDENTIFY_CTRLR and "CNTLID" in str(ei.value)
+
+
+def test_identify_controller_with_icdoff_fails_bring_up():
+    init = make()
+    fake = FakeController(icdoff=1)
+    with pytest.raises(InitError) as ei:
+        drive(init, fake)
+    assert ei.value.state is S.IDENTIFY_CTRLR and "ICDOFF" in str(ei.value)
 
 
 # ---------------------------------------------------------------------------------------------
