@@ -71,6 +71,21 @@ OAES_DISCOVERY_LOG = 1 << 31
 NS_LIST_PAGE = 1024   # NSIDs per Identify active namespace list page
 
 
+def ns_list_page_problem(ids: list[int], after: int) -> str | None:
+    """What is wrong with one page of the Identify active namespace list asked for with NSID
+    `after`, or None. Base 5.17.2.2: NSIDs greater than `after`, in increasing order (so no
+    duplicates), zero-terminated; FFFFFFFFh is the broadcast value, never a namespace's ID."""
+    prev = after
+    for n in ids:
+        if n <= prev:
+            return ("the active namespace list is not in strictly ascending order after NSID "
+                    f"{after} ({n} follows {prev}; Base 5.17.2.2)")
+        prev = n
+    if ids and ids[-1] == 0xFFFFFFFF:
+        return "the active namespace list holds the broadcast NSID FFFFFFFFh"
+    return None
+
+
 class ControllerInit:
     """Drive with next_action()/on_result(). Results land in the public attributes."""
 
@@ -227,11 +242,10 @@ class ControllerInit:
             self._go(InitState.READY if self.discovery else InitState.IDENTIFY_ACTIVE_NS)
         elif st is InitState.IDENTIFY_ACTIVE_NS:
             ids = self._parse_list(data) if self._parse_list else []
-            # Base 5.17.2.2: ascending NSIDs greater than the one given, zero-terminated.
-            if any(n <= self._list_start for n in ids) or ids != sorted(ids):
+            why = ns_list_page_problem(ids, self._list_start)
+            if why:
                 self.state = InitState.ERROR
-                raise InitError(st, "the active namespace list is not in ascending order "
-                                    "(Base 5.17.2.2)")
+                raise InitError(st, why)
             self.active_ns.extend(ids)
             if len(ids) == NS_LIST_PAGE and ids[-1] < 0xFFFFFFFE:
                 self._list_start = ids[-1]

@@ -31,9 +31,9 @@ from . import _fabrics as fab
 from . import _structs as st
 from ._errors import (
     CommandTimeout, ConnectionLost, LocalProtocolError, NvmeError, NvmeStatusError,
-    TransportError,
+    ProtocolError, TransportError,
 )
-from ._init import ControllerInit, InitState
+from ._init import ControllerInit, InitState, ns_list_page_problem
 from ._util import set_tcp_congestion, single_errors
 from ._spec import (
     ADMIN_QUEUE_IN_CAPSULE, CC_SHN_NORMAL, CSTS_SHST_COMPLETE, CSTS_SHST_MASK, AdminOpcode,
@@ -317,12 +317,18 @@ class Controller:
         return st.IdentifyNamespace.from_bytes(await self.identify(Cns.NAMESPACE, nsid))
 
     async def active_namespaces(self) -> list[int]:
+        """Identify active namespace list, paged as bring-up pages it. A page that breaks
+        Base 5.17.2.2 (not strictly ascending after the NSID asked with, or FFFFFFFFh) is a
+        ProtocolError: a target repeating one full page would otherwise be asked forever."""
         ids: list[int] = []
         start = 0
         while True:
             page = st.parse_ns_list(await self.identify(Cns.ACTIVE_NS_LIST, start))
+            why = ns_list_page_problem(page, start)
+            if why:
+                raise ProtocolError(why)
             ids.extend(page)
-            if len(page) < 1024:
+            if len(page) < 1024 or page[-1] >= 0xFFFFFFFE:
                 return ids
             start = page[-1]
 

@@ -175,3 +175,34 @@ async def test_identify_controller_contradiction_fails_bring_up(make_target, mon
             async with open_controller("127.0.0.1", t.port, NQN, opts()):
                 pass
     assert words in str(ei.value)
+
+
+# -- the active namespace list after bring-up (rescan, list-ns) -------------------------------
+
+def full_page_forever(monkeypatch):
+    """CNS 02h answers NSIDs 1..1024 whatever NSID it is asked after."""
+    orig = tctl.Controller._identify
+
+    def _identify(self, nsid, c10, c11, data_len):
+        if c10 & 0xFF == 0x02:
+            return 0, 0, 0, st.build_ns_list(range(1, 1025))
+        return orig(self, nsid, c10, c11, data_len)
+    monkeypatch.setattr(tctl.Controller, "_identify", _identify)
+
+
+async def test_ns_list_repeating_a_full_page_is_an_error_not_a_loop(make_target, monkeypatch):
+    from initiator._errors import ProtocolError
+    t = await make_target()
+    s = Session("127.0.0.1", t.port, NQN, opts(), ReconnectPolicy(0.2, 30), rescan_interval=0)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as n:
+            await s.start(n)
+            full_page_forever(monkeypatch)       # bring-up is done: only CNS 02h from now on
+            with trio.fail_after(5):
+                with pytest.raises(ProtocolError):
+                    await s.ctrl.active_namespaces()
+            with trio.fail_after(5):
+                with pytest.raises(ProtocolError):
+                    await s.rescan()
+            assert sorted(s.namespaces) == [1, 2]          # what was known stays
+            await s.aclose()

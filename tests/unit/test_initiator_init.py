@@ -6,6 +6,8 @@ namespace list paging, per-namespace Identify with tolerated/skipped errors, dis
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from initiator import _structs as st
@@ -446,6 +448,26 @@ def test_non_ascending_ns_list_fails():
         drive(init, Liar())
     assert ei.value.state is S.IDENTIFY_ACTIVE_NS and "ascending" in str(ei.value)
     assert init.state is S.ERROR
+
+
+@pytest.mark.parametrize("nsids", [[1, 1, 2], [3, 3], [1, 0xFFFFFFFF]],
+                         ids=["duplicate", "only duplicates", "broadcast"])
+def test_ns_list_with_duplicates_or_the_broadcast_nsid_fails(nsids):
+    init = make()
+
+    class Liar(FakeController):
+        def answer(self, act):
+            if act[:2] == ("identify", Cns.ACTIVE_NS_LIST):
+                self.actions.append(act)
+                data = struct.pack(f"<{len(nsids)}I", *nsids)
+                return "ok", (0, 0, data + bytes(4096 - len(data)))
+            return super().answer(act)
+
+    liar = Liar()
+    with pytest.raises(InitError) as ei:
+        drive(init, liar)
+    assert ei.value.state is S.IDENTIFY_ACTIVE_NS
+    assert not any(a[:2] == ("identify", Cns.NAMESPACE) for a in liar.actions)
 
 
 def test_ns_descriptor_error_is_tolerated():
