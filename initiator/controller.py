@@ -272,7 +272,14 @@ class Controller:
         self.aec = init.aec
         self.namespaces = dict(init.namespaces)
         self.ns_descs = dict(init.ns_descs)
-        if self.kato_ms and getattr(self.ctrl, "kas", 1) != 0:
+        if self.kato_ms:
+            # The Connect asked for KATO: the controller's timer runs whatever Identify KAS says
+            # (Keep Alive is mandatory on fabrics, NVMe-oF 1.1 3.5; a KAS 0 target that expires
+            # KATO dropped the connection every KATO). The kernel host's nvme_start_keep_alive
+            # looks at KATO only.
+            if not getattr(self.ctrl, "kas", 1):
+                log.info("controller reports KAS 0; sending Keep Alive every %g s anyway (KATO "
+                         "%d ms)", self.keep_alive_interval, self.kato_ms)
             self._nursery.start_soon(self._keep_alive_loop)
         if self.aec:
             aerl = getattr(self.ctrl, "aerl", 3)

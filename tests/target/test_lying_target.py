@@ -206,3 +206,17 @@ async def test_ns_list_repeating_a_full_page_is_an_error_not_a_loop(make_target,
                     await s.rescan()
             assert sorted(s.namespaces) == [1, 2]          # what was known stays
             await s.aclose()
+
+
+# -- KAS 0 with a KATO in the Connect ----------------------------------------------------------
+
+async def test_kas_zero_still_keeps_the_kato_fed(make_target, monkeypatch):
+    """Identify KAS 0 while the target runs the KATO the Connect asked for: without Keep Alive
+    the target expired the controller every KATO (connection reset)."""
+    patch_ctrl(monkeypatch, 320, "<H", 0)
+    t = await make_target()
+    with trio.fail_after(15):
+        async with open_controller("127.0.0.1", t.port, NQN, opts(keep_alive_tmo=1)) as c:
+            assert c.ctrl.kas == 0
+            await trio.sleep(2.5)
+            assert not c.lost and c.keep_alives_sent >= 3
