@@ -28,6 +28,7 @@ import time
 import trio
 
 from initiator.controller import open_controller
+from initiator.session import ns_unusable
 from initiator.transport import POLL_IDLE
 
 from .options import controller_options
@@ -163,6 +164,9 @@ async def run_bench(args) -> dict:
         ns = c.namespaces.get(nsid)
         if ns is None:
             raise SystemExit(f"blockfs bench: namespace {nsid} is not active on {args.nqn}")
+        why = ns_unusable(ns, c.max_transfer)
+        if why:
+            raise SystemExit(f"blockfs bench: namespace {nsid} cannot be used: {why}")
         bs = ns.block_size
         if args.bs % bs:
             raise SystemExit(f"blockfs bench: --bs {args.bs} is not a multiple of the "
@@ -175,9 +179,10 @@ async def run_bench(args) -> dict:
         if span < 0:
             raise SystemExit("blockfs bench: --bs is larger than the namespace")
         nq = len(c.io_queues)
-        if args.mode == "callback" and args.qd > nq * (opts.queue_size - 1):
+        qsize = c.io_queue_size
+        if args.mode == "callback" and args.qd > nq * (qsize - 1):
             raise SystemExit(f"blockfs bench: --qd {args.qd} exceeds the queues' slots "
-                             f"({nq} x {opts.queue_size - 1}); use --mode task or more -i")
+                             f"({nq} x {qsize - 1}); use --mode task or more -i")
         drive = _callback_slots if args.mode == "callback" else _task_slots
         now = time.perf_counter
 

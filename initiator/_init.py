@@ -71,13 +71,30 @@ OAES_DISCOVERY_LOG = 1 << 31
 NS_LIST_PAGE = 1024   # NSIDs per Identify active namespace list page
 
 
+def ns_list_page_problem(ids: list[int], after: int) -> str | None:
+    """What is wrong with one page of the Identify active namespace list asked for with NSID
+    `after`, or None. Base 5.17.2.2: NSIDs greater than `after`, in increasing order (so no
+    duplicates), zero-terminated; FFFFFFFFh is the broadcast value, never a namespace's ID."""
+    prev = after
+    for n in ids:
+        if n <= prev:
+            return ("the active namespace list is not in strictly ascending order after NSID "
+                    f"{after} ({n} follows {prev}; Base 5.17.2.2)")
+        prev = n
+    if ids and ids[-1] == 0xFFFFFFFF:
+        return "the active namespace list holds the broadcast NSID FFFFFFFFh"
+    return None
+
+
 class ControllerInit:
     """Drive with next_action()/on_result(). Results land in the public attributes."""
 
     def __init__(self, *, nr_io_queues: int, discovery: bool = False, now: float = 0.0,
                  parse_identify_controller=None, parse_identify_namespace=None,
-                 parse_ns_descriptors=None, parse_ns_list=None, configure_aer: bool = True):
+                 parse_ns_descriptors=None, parse_ns_list=None, configure_aer: bool = True,
+                 cntlid: int | None = None):
         self.state = InitState.READ_VS
+        self.cntlid = cntlid         # from the admin Connect; None: not checked
         self.discovery = discovery
         self.nr_io_queues = nr_io_queues
         self.configure_aer = configure_aer
@@ -155,6 +172,18 @@ class ControllerInit:
             self._go(InitState.READ_CAP)
         elif st is InitState.READ_CAP:
             self.cap = dw0 | (dw1 << 32)
+            mpsmin = (self.cap >> 48) & 0xF
+            if mpsmin:
+                # Base 3.1.3.5: the host shall set CC.MPS >= CAP.MPSMIN; this host's memory page
+                # is 4 KiB (CC.MPS 0), as the kernel host's ("Minimum device page size too large
+                # for host": -ENODEV).
+                self.state = InitState.ERROR
+                raise InitError(st, f"CAP.MPSMIN asks for memory pages of at least "
+                                    f"{4096 << mpsmin} bytes; this host uses 4096")
+            if not self.cap & 0xFFFF:
+                self.state = InitState.ERROR
+                raise InitError(st, "CAP.MQES is 0; the smallest queue is 2 entries "
+                                    "(Base 3.1.3.1)")
             self._go(InitState.READ_CC)
         elif st is InitState.READ_CC:
             self.cc = dw0
@@ -185,6 +214,7 @@ class ControllerInit:
                 self._go(InitState.IDENTIFY_CTRLR)
         elif st is InitState.IDENTIFY_CTRLR:
             self.ctrl = self._parse_ctrl(data) if self._parse_ctrl else bytes(data)
+            self._check_identify_controller(st)
             if self.discovery:
                 oaes = getattr(self.ctrl, "oaes", 0)
                 self.aec = AEC_DISCOVERY_LOG if (oaes & OAES_DISCOVERY_LOG) else 0
@@ -212,11 +242,10 @@ class ControllerInit:
             self._go(InitState.READY if self.discovery else InitState.IDENTIFY_ACTIVE_NS)
         elif st is InitState.IDENTIFY_ACTIVE_NS:
             ids = self._parse_list(data) if self._parse_list else []
-            # Base 5.17.2.2: ascending NSIDs greater than the one given, zero-terminated.
-            if any(n <= self._list_start for n in ids) or ids != sorted(ids):
+            why = ns_list_page_problem(ids, self._list_start)
+            if why:
                 self.state = InitState.ERROR
-                raise InitError(st, "the active namespace list is not in ascending order "
-                                    "(Base 5.17.2.2)")
+                raise InitError(st, why)
             self.active_ns.extend(ids)
             if len(ids) == NS_LIST_PAGE and ids[-1] < 0xFFFFFFFE:
                 self._list_start = ids[-1]
@@ -233,6 +262,25 @@ class ControllerInit:
             self._next_ns()
         else:
             raise LocalProtocolError(f"on_result in state {st}")
+
+    def _check_identify_controller(self, st: InitState) -> None:
+        """What the fabrics part of Identify Controller must agree with (the kernel host's
+        checks in nvme_init_identify and nvme_tcp_setup_ctrl)."""
+        c = self.ctrl
+        cntlid = getattr(c, "cntlid", None)
+        if self.cntlid is not None and cntlid is not None and cntlid != self.cntlid:
+            # Base 5.17.2.1 CNTLID: the controller's identifier, the one the admin Connect
+            # returned (NVMe-oF 1.1 3.3); another one is another controller's data.
+            self.state = InitState.ERROR
+            raise InitError(st, f"Identify Controller CNTLID {cntlid:#x} is not the "
+                                f"{self.cntlid:#x} the Connect response gave")
+        if not self.discovery and getattr(c, "icdoff", 0):
+            # NVMe-oF 1.1 4.1 ICDOFF: in-capsule data starts ICDOFF * 16 bytes after the SQE;
+            # this host places it right after the SQE (the kernel host: "icdoff is not
+            # supported!"), so its in-capsule writes would land at the wrong offset.
+            self.state = InitState.ERROR
+            raise InitError(st, f"the controller wants in-capsule data at offset "
+                                f"{c.icdoff * 16} (ICDOFF), which this host does not support")
 
     def _next_ns(self) -> None:
         if self._ns_idx < len(self.active_ns):

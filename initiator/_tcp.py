@@ -56,6 +56,7 @@ assert HDR24.size == 24
 
 # Event kinds
 COMPLETION = 0    # (COMPLETION, cid, status, dw0, dw1)
+_SCT_SC = 0x0FFE  # CQE status field: SC bits 8:1, SCT bits 11:9 (Base 4.2.3)
 SEND = 1          # (SEND, [buffers])  H2CData answering an R2T
 IC_DONE = 2       # (IC_DONE, maxh2cdata, cpda, hdgst, ddgst)
 TERM = 3          # (TERM, fes, fei)  C2HTermReq received
@@ -433,7 +434,11 @@ class HostQueue:
                     if cid >= self.depth or not self._active[cid]:
                         raise RemoteProtocolError(f"CapsuleResp for unknown CID {cid}",
                                                   TermReqFes.INVALID_HEADER_FIELD, 20, bytes(hdr))
-                    if status & 0xFFFE == 0:
+                    if status & _SCT_SC == 0:
+                        # Base 4.2.3: SCT 0 / SC 0 is success. DNR, More and CRD qualify an
+                        # error; on a success they mean nothing, and the command succeeded
+                        # (SPDK's spdk_nvme_cpl_is_error looks at SCT and SC only).
+                        status = 0
                         if self._derr[cid]:
                             status = DIGEST_ERROR_STATUS
                         elif self._rbuf[cid] is not None and \

@@ -31,9 +31,9 @@ from . import _fabrics as fab
 from . import _structs as st
 from ._errors import (
     CommandTimeout, ConnectionLost, LocalProtocolError, NvmeError, NvmeStatusError,
-    TransportError,
+    ProtocolError, TransportError,
 )
-from ._init import ControllerInit, InitState
+from ._init import ControllerInit, InitState, ns_list_page_problem
 from ._util import set_tcp_congestion, single_errors
 from ._spec import (
     ADMIN_QUEUE_IN_CAPSULE, CC_SHN_NORMAL, CSTS_SHST_COMPLETE, CSTS_SHST_MASK, AdminOpcode,
@@ -234,7 +234,7 @@ class Controller:
         o = self.opts
         self.admin = await self._connect_queue(0, ADMIN_QUEUE_SIZE)
         init = ControllerInit(nr_io_queues=o.nr_io_queues, discovery=o.discovery,
-                              now=trio.current_time(), configure_aer=o.aer,
+                              now=trio.current_time(), configure_aer=o.aer, cntlid=self.cntlid,
                               parse_identify_controller=st.IdentifyController.from_bytes,
                               parse_identify_namespace=st.IdentifyNamespace.from_bytes,
                               parse_ns_descriptors=st.parse_ns_descriptors,
@@ -272,16 +272,39 @@ class Controller:
         self.aec = init.aec
         self.namespaces = dict(init.namespaces)
         self.ns_descs = dict(init.ns_descs)
-        if self.kato_ms and getattr(self.ctrl, "kas", 1) != 0:
+        if self.kato_ms:
+            # The Connect asked for KATO: the controller's timer runs whatever Identify KAS says
+            # (Keep Alive is mandatory on fabrics, NVMe-oF 1.1 3.5; a KAS 0 target that expires
+            # KATO dropped the connection every KATO). The kernel host's nvme_start_keep_alive
+            # looks at KATO only.
+            if not getattr(self.ctrl, "kas", 1):
+                log.info("controller reports KAS 0; sending Keep Alive every %g s anyway (KATO "
+                         "%d ms)", self.keep_alive_interval, self.kato_ms)
             self._nursery.start_soon(self._keep_alive_loop)
         if self.aec:
             aerl = getattr(self.ctrl, "aerl", 3)
             for _ in range(min(aerl + 1, MAX_AERS)):
                 self._nursery.start_soon(self._aer_loop)
         if not o.discovery:
+            size = self.io_queue_size
+            if size < o.queue_size:
+                log.info("I/O queue size %d clamped to %d (CAP.MQES %d, MAXCMD %d)",
+                         o.queue_size, size, self.cap & 0xFFFF, getattr(self.ctrl, "maxcmd", 0))
             for qid in range(1, init.io_queues + 1):
-                self.io_queues.append(await self._connect_queue(qid, o.queue_size))
+                self.io_queues.append(await self._connect_queue(qid, size))
         self._nursery.start_soon(self._timeout_checker)
+
+    @property
+    def io_queue_size(self) -> int:
+        """Entries per I/O queue: -Q, clamped to CAP.MQES + 1 (Base 3.1.3.1: the largest queue
+        the controller supports; a Connect SQSIZE above it is refused) and to MAXCMD (Base
+        5.17.2.1, mandatory on fabrics: commands the controller takes at once), as the kernel
+        host (nvme_tcp_setup_ctrl: "clamping down") and SPDK clamp them."""
+        size = min(self.opts.queue_size, (self.cap & 0xFFFF) + 1)
+        maxcmd = getattr(self.ctrl, "maxcmd", 0)
+        if maxcmd:
+            size = min(size, maxcmd)
+        return max(size, 2)
 
     # -- admin commands ---------------------------------------------------------------------
     async def property_get(self, offset: int, size8: bool = False) -> tuple[int, int]:
@@ -301,12 +324,18 @@ class Controller:
         return st.IdentifyNamespace.from_bytes(await self.identify(Cns.NAMESPACE, nsid))
 
     async def active_namespaces(self) -> list[int]:
+        """Identify active namespace list, paged as bring-up pages it. A page that breaks
+        Base 5.17.2.2 (not strictly ascending after the NSID asked with, or FFFFFFFFh) is a
+        ProtocolError: a target repeating one full page would otherwise be asked forever."""
         ids: list[int] = []
         start = 0
         while True:
             page = st.parse_ns_list(await self.identify(Cns.ACTIVE_NS_LIST, start))
+            why = ns_list_page_problem(page, start)
+            if why:
+                raise ProtocolError(why)
             ids.extend(page)
-            if len(page) < 1024:
+            if len(page) < 1024 or page[-1] >= 0xFFFFFFFE:
                 return ids
             start = page[-1]
 

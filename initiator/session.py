@@ -85,6 +85,42 @@ def _hex_or_none(b) -> str | None:
     return bytes(b).hex() if b and any(b) else None
 
 
+# LBA data sizes this initiator serves: from 512 B (NVM Command Set 1.0, LBA Format data
+# structure, LBADS: "A value smaller than 9 (i.e., 512 bytes) is not supported") up to 64 KiB
+# (the kernel host's largest block size, BLK_MAX_BLOCK_SIZE; blk_validate_block_size()).
+MIN_LBADS = 9
+MAX_LBADS = 16
+# A namespace's byte size must fit a signed 64-bit file size (FUSE st_size, lseek).
+MAX_NS_BYTES = (1 << 63) - 1
+
+
+def ns_unusable(ident, max_transfer: int = 0) -> str | None:
+    """Why the block device layer cannot use this Identify Namespace, or None.
+
+    What the target says about a namespace is taken on trust elsewhere; here it is checked
+    once, before it becomes a bdev, as the kernel host's nvme_update_ns_info_block does (it
+    gives such a namespace capacity 0; this initiator leaves it out, with a warning)."""
+    idx = ident.format_index
+    # NVM Command Set 1.0, Identify Namespace FLBAS: the format index names one of the
+    # NLBAF + 1 formats the data structure lists.
+    if idx > ident.nlbaf or idx >= len(ident.lbaf):
+        return f"FLBAS selects LBA format {idx}, but only {ident.nlbaf + 1} are listed (NLBAF)"
+    lbads = ident.lbaf[idx].lbads
+    if not MIN_LBADS <= lbads <= MAX_LBADS:
+        return (f"LBA data size 2**{lbads} is outside 512 B..64 KiB (LBADS {lbads})")
+    if ident.lbaf[idx].ms:
+        # Metadata travels with the data on fabrics (extended LBAs: the kernel's "NVMe over
+        # Fabrics only supports metadata as part of the extended data LBA"), so every block
+        # would move LBADS + MS bytes; this initiator moves LBADS bytes per block only.
+        return f"the LBA format has {ident.lbaf[idx].ms} bytes of metadata per block"
+    if max_transfer and (1 << lbads) > max_transfer:
+        return (f"one {1 << lbads}-byte block is larger than the controller's maximum "
+                f"transfer ({max_transfer} bytes, MDTS)")
+    if ident.nsze * (1 << lbads) > MAX_NS_BYTES:
+        return f"NSZE {ident.nsze} blocks of {1 << lbads} bytes exceed 2**63 - 1 bytes"
+    return None
+
+
 def _ns_info(nsid: int, ident, descs: dict | None) -> NamespaceInfo:
     """Identify Namespace + NS ID descriptors (Base 5.17.2.3) -> NamespaceInfo."""
     descs = descs or {}
@@ -116,6 +152,7 @@ class Session:
         self.health: dict | None = None
         self.error_log: list[dict] = []
         self.on_namespace: Callable[[str, int, NamespaceInfo], None] | None = None
+        self._unusable: dict[int, str] = {}     # NSID -> why it is left out (warned once)
         self.on_state: Callable[[CtrlState, str | None], None] | None = None
         self.on_async_event: Callable[[AsyncEvent], None] | None = None
         self._live = trio.Event()
@@ -425,14 +462,26 @@ class Session:
                     descs = {}
             except NvmeStatusError:
                 continue
-            if ident.nsze == 0:
+            if not self._usable(c, nsid, ident):
                 continue
             found[nsid] = _ns_info(nsid, ident, descs)
         self._apply(found)
 
+    def _usable(self, c: Controller, nsid: int, ident) -> bool:
+        if not ident.nsze:
+            return False
+        why = ns_unusable(ident, c.max_transfer)
+        if why is None:
+            return True
+        if self._unusable.get(nsid) != why:
+            log.warning("%s: namespace %d left out: %s", self.name, nsid, why)
+        self._unusable[nsid] = why
+        return False
+
     def _update_namespaces(self, c: Controller) -> None:
+        self._unusable = {}
         found = {nsid: _ns_info(nsid, ident, c.ns_descs.get(nsid))
-                 for nsid, ident in c.namespaces.items() if ident.nsze}
+                 for nsid, ident in c.namespaces.items() if self._usable(c, nsid, ident)}
         self._apply(found)
 
     def _apply(self, found: dict[int, NamespaceInfo]) -> None:

@@ -6,6 +6,8 @@ namespace list paging, per-namespace Identify with tolerated/skipped errors, dis
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from initiator import _structs as st
@@ -36,8 +38,9 @@ class FakeController:
     def __init__(self, *, cc: int = 0, to: int = 20, rdy_polls: int = 2, not_rdy_polls: int = 2,
                  cfs: bool = False, never_ready: bool = False, oaes: int = 0,
                  nsids=(1, 2), granted: tuple[int, int] | None = None, fail=None,
-                 cntrltype: int = st.CNTRLTYPE_IO, vanish=()):
+                 cntrltype: int = st.CNTRLTYPE_IO, vanish=(), icdoff: int = 0):
         self.cc = cc
+        self.icdoff = icdoff
         self.cap = cap(to)
         self.rdy = bool(cc & 1)
         self.rdy_polls, self.not_rdy_polls = rdy_polls, not_rdy_polls
@@ -88,7 +91,8 @@ class FakeController:
             cns, nsid = act[1], act[2]
             if cns == Cns.CONTROLLER:
                 return "ok", (0, 0, st.build_identify_controller(
-                    oaes=self.oaes, nn=max(self.nsids, default=0), cntrltype=self.cntrltype))
+                    oaes=self.oaes, nn=max(self.nsids, default=0), cntrltype=self.cntrltype,
+                    icdoff=self.icdoff))
             if cns == Cns.ACTIVE_NS_LIST:
                 return "ok", (0, 0, st.build_ns_list(self.nsids, greater_than=nsid))
             if cns == Cns.NAMESPACE:
@@ -110,6 +114,7 @@ def make(**kw) -> ControllerInit:
     return ControllerInit(
         nr_io_queues=kw.pop("nr_io_queues", 4), discovery=kw.pop("discovery", False),
         now=kw.pop("now", 0.0), configure_aer=kw.pop("configure_aer", True),
+        cntlid=kw.pop("cntlid", None),
         parse_identify_controller=st.IdentifyController.from_bytes,
         parse_identify_namespace=st.IdentifyNamespace.from_bytes,
         parse_ns_descriptors=st.parse_ns_descriptors, parse_ns_list=st.parse_ns_list)
@@ -285,6 +290,44 @@ def test_property_error_fails_bring_up():
     assert ei.value.state is S.READ_CAP
 
 
+@pytest.mark.parametrize("mpsmin", [1, 4, 15])
+def test_cap_mpsmin_above_4k_fails_bring_up(mpsmin):
+    # The host's memory page is 4 KiB (CC.MPS 0); Base 3.1.3.5 wants CC.MPS >= CAP.MPSMIN.
+    init = make()
+    fake = FakeController()
+    fake.cap |= mpsmin << 48
+    with pytest.raises(InitError) as ei:
+        drive(init, fake)
+    assert ei.value.state is S.READ_CAP and "MPSMIN" in str(ei.value)
+    assert not any(a[0] == "prop_set" for a in fake.actions)      # CC never written
+
+
+def test_cap_mqes_zero_fails_bring_up():
+    init = make()
+    fake = FakeController()
+    fake.cap &= ~0xFFFF
+    with pytest.raises(InitError) as ei:
+        drive(init, fake)
+    assert ei.value.state is S.READ_CAP and "MQES" in str(ei.value)
+
+
+def test_identify_controller_cntlid_must_match_connect():
+    # The kernel host: "Mismatching cntlid: Connect %u vs Identify %u, rejecting".
+    init = make(cntlid=5)
+    fake = FakeController()             # identifies as CNTLID 0
+    with pytest.raises(InitError) as ei:
+        drive(init, fake)
+    assert ei.value.state is S.IDENTIFY_CTRLR and "CNTLID" in str(ei.value)
+
+
+def test_identify_controller_with_icdoff_fails_bring_up():
+    init = make()
+    fake = FakeController(icdoff=1)
+    with pytest.raises(InitError) as ei:
+        drive(init, fake)
+    assert ei.value.state is S.IDENTIFY_CTRLR and "ICDOFF" in str(ei.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Queues and asynchronous events
 
@@ -405,6 +448,26 @@ def test_non_ascending_ns_list_fails():
         drive(init, Liar())
     assert ei.value.state is S.IDENTIFY_ACTIVE_NS and "ascending" in str(ei.value)
     assert init.state is S.ERROR
+
+
+@pytest.mark.parametrize("nsids", [[1, 1, 2], [3, 3], [1, 0xFFFFFFFF]],
+                         ids=["duplicate", "only duplicates", "broadcast"])
+def test_ns_list_with_duplicates_or_the_broadcast_nsid_fails(nsids):
+    init = make()
+
+    class Liar(FakeController):
+        def answer(self, act):
+            if act[:2] == ("identify", Cns.ACTIVE_NS_LIST):
+                self.actions.append(act)
+                data = struct.pack(f"<{len(nsids)}I", *nsids)
+                return "ok", (0, 0, data + bytes(4096 - len(data)))
+            return super().answer(act)
+
+    liar = Liar()
+    with pytest.raises(InitError) as ei:
+        drive(init, liar)
+    assert ei.value.state is S.IDENTIFY_ACTIVE_NS
+    assert not any(a[:2] == ("identify", Cns.NAMESPACE) for a in liar.actions)
 
 
 def test_ns_descriptor_error_is_tolerated():

@@ -63,3 +63,31 @@ def test_capsule_resp_after_all_data_succeeds():
     else:
         assert ev == (COMPLETION, cid, 0, 0, 0)
     assert bytes(buf) == b"\xcd" * 4096
+
+
+# A successful status (SCT 0, SC 0) with DNR, More or CRD set is still a success (Base 4.2.3:
+# those bits qualify an error), as SPDK's spdk_nvme_cpl_is_error reads it; a read short of data
+# still fails with Data Transfer Error.
+QUALIFIERS = {"dnr": 0x8000, "more": 0x4000, "crd": 0x1000, "all": 0xF000}
+
+
+def test_success_with_dnr_more_or_crd_is_success():
+    for name, bits in QUALIFIERS.items():
+        q = _queue()
+        cid, buf = _read(q)
+        q.receive_data(data_pdu_header(PduType.C2H_DATA, cid, 0, 0, 4096, last=True)
+                       + b"\xcd" * 4096)
+        q.receive_data(build_capsule_resp(cid, status=bits))
+        done = []
+        q.completions(done)
+        ev = q.next_event()
+        assert ev == (COMPLETION, cid, 0, 0, 0), name
+        assert bytes(buf) == b"\xcd" * 4096
+
+
+def test_success_with_dnr_but_no_data_is_a_data_transfer_error():
+    for name, bits in QUALIFIERS.items():
+        q = _queue()
+        cid, buf = _read(q)
+        q.receive_data(build_capsule_resp(cid, status=bits))
+        assert q.next_event() == (COMPLETION, cid, DATA_TRANSFER_ERROR, 0, 0), name
