@@ -173,9 +173,11 @@ class Controller:
     async def _connect_queue(self, qid: int, size: int) -> Queue:
         o = self.opts
         in_capsule = ADMIN_QUEUE_IN_CAPSULE
-        if qid and self.ctrl is not None and getattr(self.ctrl, "ioccsz", 0):
-            # NVMe-oF 4.1 / SPDK: I/O queue in-capsule data = IOCCSZ * 16 - 64 (SQE).
-            in_capsule = max(self.ctrl.ioccsz * 16 - 64, 0)
+        if qid and self.ctrl is not None:
+            # NVMe-oF 4.1 / SPDK: I/O queue in-capsule data = IOCCSZ * 16 - 64 (SQE). An
+            # IOCCSZ below 4 (0 is invalid: the capsule holds at least the SQE) allows none:
+            # the admin queue's 8 KiB would be a guess a strict target refuses.
+            in_capsule = max(getattr(self.ctrl, "ioccsz", 0) * 16 - 64, 0)
         q = await Queue.connect(self.host, self.port, qid, size - 1, hdgst=o.hdr_digest,
                                 ddgst=o.data_digest, timeout=o.connect_timeout,
                                 in_capsule_max=in_capsule, tcp_congestion=o.tcp_congestion)

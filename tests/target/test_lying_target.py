@@ -177,6 +177,24 @@ async def test_identify_controller_contradiction_fails_bring_up(make_target, mon
     assert words in str(ei.value)
 
 
+@pytest.mark.parametrize("ioccsz", [0, 1, 4])
+async def test_an_ioccsz_without_room_for_data_means_no_in_capsule_writes(make_target, monkeypatch,
+                                                                          ioccsz):
+    """IOCCSZ 0 (invalid) used to fall back to the admin queue's 8 KiB of in-capsule data;
+    below 5 there is no room for any: writes go by R2T, and they work."""
+    patch_ctrl(monkeypatch, 1792, "<I", ioccsz)
+    t = await make_target()
+    with trio.fail_after(15):
+        async with open_controller("127.0.0.1", t.port, NQN, opts()) as c:
+            q = c.io_queues[0]
+            assert q.core.in_capsule_max == 0
+            data = bytes(range(256)) * 16
+            await c.write(1, 0, 8, data)
+            buf = bytearray(4096)
+            await c.read(1, 0, 8, memoryview(buf))
+            assert buf == data
+
+
 # -- the active namespace list after bring-up (rescan, list-ns) -------------------------------
 
 def full_page_forever(monkeypatch):
