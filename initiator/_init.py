@@ -92,9 +92,10 @@ class ControllerInit:
     def __init__(self, *, nr_io_queues: int, discovery: bool = False, now: float = 0.0,
                  parse_identify_controller=None, parse_identify_namespace=None,
                  parse_ns_descriptors=None, parse_ns_list=None, configure_aer: bool = True,
-                 cntlid: int | None = None):
+                 cntlid: int | None = None, subnqn: str | None = None):
         self.state = InitState.READ_VS
         self.cntlid = cntlid         # from the admin Connect; None: not checked
+        self.subnqn = subnqn         # the NQN connected to; None: not checked
         self.discovery = discovery
         self.nr_io_queues = nr_io_queues
         self.configure_aer = configure_aer
@@ -274,6 +275,15 @@ class ControllerInit:
             self.state = InitState.ERROR
             raise InitError(st, f"Identify Controller CNTLID {cntlid:#x} is not the "
                                 f"{self.cntlid:#x} the Connect response gave")
+        got = getattr(c, "subnqn", None)
+        if not self.discovery and self.subnqn and got and got != self.subnqn:
+            # Base 5.17.2.1 SUBNQN: the NVM subsystem's NQN, the one the Connect named; another
+            # is another subsystem's controller (the kernel host refuses it: "controller
+            # returned incorrect NQN"). Discovery controllers may report a unique discovery NQN
+            # when reached through the well-known one (TP 8013), so they are not checked.
+            self.state = InitState.ERROR
+            raise InitError(st, f"Identify Controller names subsystem {got!r}, not the "
+                                f"{self.subnqn!r} connected to")
         if not self.discovery and getattr(c, "icdoff", 0):
             # NVMe-oF 1.1 4.1 ICDOFF: in-capsule data starts ICDOFF * 16 bytes after the SQE;
             # this host places it right after the SQE (the kernel host: "icdoff is not

@@ -237,6 +237,7 @@ class Controller:
         self.admin = await self._connect_queue(0, ADMIN_QUEUE_SIZE)
         init = ControllerInit(nr_io_queues=o.nr_io_queues, discovery=o.discovery,
                               now=trio.current_time(), configure_aer=o.aer, cntlid=self.cntlid,
+                              subnqn=self.subnqn,
                               parse_identify_controller=st.IdentifyController.from_bytes,
                               parse_identify_namespace=st.IdentifyNamespace.from_bytes,
                               parse_ns_descriptors=st.parse_ns_descriptors,

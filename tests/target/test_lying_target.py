@@ -164,6 +164,7 @@ def patch_ctrl(monkeypatch, offset: int, fmt: str, value) -> None:
 @pytest.mark.parametrize("field,offset,fmt,value,words", [
     ("icdoff", 1800, "<H", 1, "ICDOFF"),
     ("cntlid", 78, "<H", 0x7FFF, "CNTLID"),
+    ("subnqn", 768, "256s", b"nqn.2026-01.io.blockfs:another", "another"),
 ])
 async def test_identify_controller_contradiction_fails_bring_up(make_target, monkeypatch, field,
                                                                  offset, fmt, value, words):
