@@ -22,6 +22,7 @@ Per fault switch (docs/target.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -388,6 +389,67 @@ async def test_c2h_term_req_is_connection_lost_and_reconnects(et, qid):
             # may reach the host before the admin queue's reader gets to the TermReq.
             assert "C2HTermReq (FES 0x1" in str(reason) or "closed by the target" in str(reason)
         assert s.reconnects == 1
+
+
+# -- identity across reconnects ------------------------------------------------------------------
+
+async def test_io_waiting_for_a_reconnect_never_reaches_a_replaced_namespace(et):
+    """The reconnect finds other identifiers behind NSID 1 (a different namespace: the kernel's
+    nvme_validate_ns removes it, "identifiers changed for nsid"): a write that was in flight
+    when the port went down and one issued during the outage fail with ENODEV; neither is
+    resubmitted into the new namespace. A namespace that is only resized keeps its bdev."""
+    from bdev import BdevError
+    from bdev.nvme import NvmeController
+    from bdev.registry import BdevRegistry
+    async with session(et) as s, trio.open_nursery() as n:
+        reg = BdevRegistry(examine_modules=[])
+        ctrl = NvmeController(reg, s, 0)
+        await ctrl.start(n)
+        old = reg.get("nvme0n1")
+        ch = old.get_io_channel()
+        await ch.write_blocks(9, 1, b"\x11" * BS)
+        results = {}
+
+        async def writer(lba):
+            try:
+                await ch.write_blocks(lba, 1, b"\x77" * BS)
+                results[lba] = "ok"
+            except BdevError as e:
+                results[lba] = e.errno
+        await et.arpc("fault_command", action="drop", opcode=OPC_WRITE, queue="io", count=1)
+        n.start_soon(writer, 10)                        # in flight, never completed
+        await trio.sleep(0.2)
+        await et.arpc("set_port", state="down")
+        await wait_state(s, CtrlState.RESETTING, 2.0)
+        n.start_soon(writer, 11)                        # issued during the outage
+        await et.arpc("remove_ns", nsid=1)
+        await et.arpc("add_ns", nsid=1, spec="ram:8M:4096")
+        await trio.sleep(0.2)
+        await et.arpc("set_port", state="up")
+        await wait_reconnected(s)
+        await wait_for(lambda: len(results) == 2, 5, lambda: f"both writes done ({results})")
+        assert results == {10: errno.ENODEV, 11: errno.ENODEV}
+        assert old.removed
+        await wait_for(lambda: reg.get("nvme0n1") not in (None, old), 5, lambda: "the new bdev")
+        new = reg.get("nvme0n1")
+        assert new.num_blocks == (8 << 20) // BS
+        assert await read_back(s, 10, 3) == bytes(3 * BS)    # nothing landed in the new one
+        with pytest.raises(BdevError) as ei:
+            await ch.read_blocks(9, 1)
+        assert ei.value.errno == errno.ENODEV
+
+        # Same namespace, resized during an outage: the bdev and its handles stay.
+        ch2 = new.get_io_channel()
+        await et.arpc("set_port", state="down")
+        await wait_state(s, CtrlState.RESETTING, 2.0)
+        await et.arpc("resize_ns", nsid=1, size="12M")
+        await et.arpc("set_port", state="up")
+        await wait_reconnected(s, 2)
+        await ch2.write_blocks(5, 1, b"\x55" * BS)
+        assert await read_back(s, 5) == b"\x55" * BS
+        await wait_for(lambda: new.num_blocks == (12 << 20) // BS, 5, lambda: "the resize")
+        assert reg.get("nvme0n1") is new and not new.removed
+        n.cancel_scope.cancel()
 
 
 # -- fault_corrupt_digest -------------------------------------------------------------------------
