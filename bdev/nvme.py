@@ -87,6 +87,13 @@ class NvmeBdev(Bdev):
         o = self.session.opts
         return not (o.hdr_digest or o.data_digest)
 
+    def _max_blocks(self) -> int:
+        # The live controller's limit, not the one this bdev was made with: a reconnect may
+        # find a smaller MDTS (the kernel host re-reads it on every reset, nvme_init_ctrl_finish,
+        # and updates the queue limits, nvme_update_ns_info_block).
+        mt = self.session.io_max_bytes or self.max_io_bytes
+        return mt // self.block_size if mt else 0
+
     def _create_channel_ctx(self) -> Any:
         return next(self._rr)
 

@@ -185,6 +185,9 @@ class Session:
         self._done = trio.Event()
         self._ever_live = False
         self._went_live = False
+        # The largest transfer of the controller that was live last (MDTS may change when the
+        # target behind the address restarts): what the bdevs split by, also while reconnecting.
+        self.io_max_bytes = 0
         # How a connection is made: open_controller's signature; tests drive the reconnect
         # logic with a fake (no sockets).
         self._open = open_controller
@@ -275,6 +278,7 @@ class Session:
         async with self._open(self.host, self.port, self.subnqn, self.opts) as c:
             self.ctrl = c
             c.on_async_event = self._on_aen
+            self.io_max_bytes = c.max_transfer
             self._update_namespaces(c)
             if self._ever_live:
                 self.reconnects += 1
@@ -364,7 +368,7 @@ class Session:
                    token: NamespaceToken | None = None) -> None:
         c = self.ctrl
         if (c is not None and self.state is CtrlState.LIVE and not c.lost
-                and (token is None or not token.gone)):
+                and (token is None or not token.gone) and len(buf) <= self.io_max_bytes):
             try:
                 return await c.read(nsid, slba, nlb, buf, qhint % len(c.io_queues))
             except (DigestError, NvmeStatusError, TransportError) as e:
@@ -380,8 +384,8 @@ class Session:
         task: None once `buf` holds the data, else the error; then redo it with `read`, which
         retries and reconnects."""
         c = self.ctrl
-        if c is None or self.state is not CtrlState.LIVE or c.lost or (token is not None
-                                                                       and token.gone):
+        if (c is None or self.state is not CtrlState.LIVE or c.lost
+                or (token is not None and token.gone) or len(buf) > self.io_max_bytes):
             return False
         qs = c.io_queues
         try:
@@ -394,7 +398,7 @@ class Session:
                     fua: bool = False, token: NamespaceToken | None = None) -> None:
         c = self.ctrl
         if (c is not None and self.state is CtrlState.LIVE and not c.lost
-                and (token is None or not token.gone)):
+                and (token is None or not token.gone) and len(data) <= self.io_max_bytes):
             try:
                 return await c.write(nsid, slba, nlb, data, qhint % len(c.io_queues), fua=fua)
             except (DigestError, NvmeStatusError, TransportError) as e:
@@ -575,9 +579,29 @@ def _identity(ns: NamespaceInfo) -> tuple:
     return (ns.block_size, ns.nguid, ns.uuid, ns.eui64)
 
 
+# The first attempt of a read or write fits the controller it was sized for; one that waited for
+# a reconnect may not fit the new controller's MDTS (a target restarted with other limits): it
+# goes in pieces, one after the other (whole blocks, in order: a pipe sink fills in order). A
+# failed piece fails the command, which is resubmitted whole (reads and writes are idempotent).
+def _pieces(c: Controller, slba: int, nlb: int, nbytes: int):
+    mt = c.max_transfer
+    if nbytes <= mt or nlb <= 1:
+        yield slba, nlb, 0, nbytes
+        return
+    bs = nbytes // nlb
+    step = max(1, mt // bs)
+    for off in range(0, nlb, step):
+        n = min(step, nlb - off)
+        yield slba + off, n, off * bs, (off + n) * bs
+
+
 async def _read(c: Controller, nsid, slba, nlb, buf, qhint):
-    await c.read(nsid, slba, nlb, buf, qhint % len(c.io_queues))
+    q = qhint % len(c.io_queues)
+    for lba, n, a, b in _pieces(c, slba, nlb, len(buf)):
+        await c.read(nsid, lba, n, buf if b - a == len(buf) else buf[a:b], q)
 
 
 async def _write(c: Controller, nsid, slba, nlb, data, qhint, fua):
-    await c.write(nsid, slba, nlb, data, qhint % len(c.io_queues), fua=fua)
+    q = qhint % len(c.io_queues)
+    for lba, n, a, b in _pieces(c, slba, nlb, len(data)):
+        await c.write(nsid, lba, n, data if b - a == len(data) else data[a:b], q, fua=fua)

@@ -586,6 +586,13 @@ NQN = "nqn.2026-01.io.blockfs:faults"
 
 
 @pytest.fixture
+def sockdir_fresh():
+    d = tempfile.mkdtemp(prefix="bff", dir="/tmp")       # unix socket paths are short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 async def inproc(nursery):
     d = tempfile.mkdtemp(prefix="bff", dir="/tmp")       # unix socket paths are short
     cfg = TargetConfig(listen=["127.0.0.1:0"],
@@ -651,3 +658,46 @@ async def test_corrupted_header_digest_is_answered_with_fes_3(inproc, caplog):
         await wait_reconnected(s, timeout=5)
         await wait_for(lambda: host_term_reqs(caplog), 2, lambda: "H2CTermReq at the target")
         assert host_term_reqs(caplog) == [(FES_HDGST, 0)]
+
+
+# -- a target restarted with other limits (in-process: two targets on one port) ------------------
+
+async def test_target_restarted_with_a_smaller_mdts_gets_io_that_fits(sockdir_fresh):
+    """The target behind the address restarts with MDTS 128 KiB instead of 1 MiB: after the
+    reconnect, bdev I/O is split for the new limit (the kernel host re-reads MDTS on every
+    reset and updates the queue limits), it does not fail with Invalid Field (EINVAL)."""
+    from bdev.nvme import NvmeController
+    from bdev.registry import BdevRegistry
+    d = sockdir_fresh
+    ns = ["ram:16M:4096"]
+
+    def cfg(port, mdts, n):
+        return TargetConfig(listen=[f"127.0.0.1:{port}"], mdts=mdts,
+                            subsystems=[SubsystemConfig(nqn=NQN, namespaces=ns)],
+                            control=os.path.join(d, f"ctl{n}.sock"))
+    async def serve(config, *, task_status):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                task_status.started((await inner.start(serve_target, config), scope))
+    async with trio.open_nursery() as n:
+        t1, first = await n.start(serve, cfg(0, 8, 1))
+        port = t1.port
+        s = Session("127.0.0.1", port, NQN, options(),
+                    ReconnectPolicy(reconnect_delay=0.2, ctrl_loss_tmo=30), rescan_interval=0)
+        await s.start(n)
+        reg = BdevRegistry(examine_modules=[])
+        await NvmeController(reg, s, 0).start(n)
+        ch = reg.get("nvme0n1").get_io_channel()
+        data = os.urandom(512 << 10)
+        await ch.write_blocks(0, len(data) // BS, data)
+        first.cancel()                                   # the target goes away...
+        await wait_state(s, CtrlState.RESETTING, 3.0)
+        t2, _ = await n.start(serve, cfg(port, 5, 2))   # ...and comes back, MDTS 5
+        await wait_reconnected(s)
+        assert s.io_max_bytes == 128 << 10
+        await ch.write_blocks(256, len(data) // BS, data)
+        assert bytes(await ch.read_blocks(256, len(data) // BS)) == data
+        assert bytes(t2.state.subsystem(NQN).namespaces[1].backend.mv[1 << 20:][:len(data)]) \
+            == data
+        await s.aclose()
+        n.cancel_scope.cancel()
