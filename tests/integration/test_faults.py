@@ -38,6 +38,8 @@ from initiator.controller import ControllerOptions, open_controller
 from initiator.session import MAX_RETRIES, ControllerUnavailable, CtrlState, ReconnectPolicy, \
     Session
 from target import SubsystemConfig, TargetConfig, serve_target
+from target._subsystem import Namespace
+from target.backends import parse_ns_spec
 
 BS = 4096                       # namespace 1: 16 MiB of 4096-byte blocks
 OPC_READ, OPC_WRITE = 0x02, 0x01
@@ -450,6 +452,28 @@ async def test_io_waiting_for_a_reconnect_never_reaches_a_replaced_namespace(et)
         await wait_for(lambda: new.num_blocks == (12 << 20) // BS, 5, lambda: "the resize")
         assert reg.get("nvme0n1") is new and not new.removed
         n.cancel_scope.cancel()
+
+
+async def test_namespace_recreated_with_the_same_spec_is_a_new_namespace(et):
+    """remove_ns + add_ns of the same spec at the same NSID while the host is away: a new
+    namespace (empty RAM), so new identifiers (Base: NGUID/UUID are assigned when a namespace
+    is created; nvmet generates a UUID per namespace), and the host sees a remove and an add.
+    The namespaces of the command line keep identifiers derived from it (stable restarts)."""
+    spec = "ram:16M:4096"
+    before = (await et.arpc("list"))["subsystems"][0]["namespaces"][0]
+    async with session(et) as s:
+        events = []
+        s.on_namespace = lambda kind, nsid, info: events.append((kind, nsid))
+        await et.arpc("set_port", state="down")
+        await wait_state(s, CtrlState.RESETTING, 2.0)
+        await et.arpc("remove_ns", nsid=1)
+        after = await et.arpc("add_ns", nsid=1, spec=spec)
+        await et.arpc("set_port", state="up")
+        await wait_reconnected(s)
+        assert (after["nguid"], after["uuid"]) != (before["nguid"], before["uuid"])
+        assert events == [("remove", 1), ("add", 1)]
+    ns0 = Namespace(1, parse_ns_spec(spec)[0], 4096, et.nqn, spec)
+    assert ns0.nguid.hex() == before["nguid"]              # generation 0: from the config
 
 
 # -- fault_corrupt_digest -------------------------------------------------------------------------
