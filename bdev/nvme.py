@@ -20,7 +20,7 @@ from typing import Any, Callable
 import trio
 
 from initiator._errors import NvmeStatusError, TransportError
-from initiator.session import NamespaceInfo, Session
+from initiator.session import NamespaceGone, NamespaceInfo, Session
 
 from ._base import Bdev, BdevError, IoType
 from .registry import BdevRegistry
@@ -51,6 +51,8 @@ def _bdev_error(e: Exception, what: str) -> BdevError:
         if e.sct == 2:
             code = errno.EIO   # media errors: unrecovered read, write fault...
         return BdevError(code, f"{what}: {e}")
+    if isinstance(e, NamespaceGone):
+        return BdevError(errno.ENODEV, f"{what}: {e}")
     return BdevError(errno.EIO, f"{what}: {e}")
 
 
@@ -63,6 +65,10 @@ class NvmeBdev(Bdev):
         self.session = session
         self.nsid = info.nsid
         self.info = info
+        # This namespace's life at its NSID (kept across resizes): once the session finds it
+        # removed or replaced, I/O through this bdev fails with ENODEV, also I/O that was
+        # waiting for a reconnect, instead of reaching whatever the NSID names now.
+        self.token = info.token
         self._rr = itertools.count()
         self._wz_unsupported = False
 
@@ -81,28 +87,35 @@ class NvmeBdev(Bdev):
         o = self.session.opts
         return not (o.hdr_digest or o.data_digest)
 
+    def _max_blocks(self) -> int:
+        # The live controller's limit, not the one this bdev was made with: a reconnect may
+        # find a smaller MDTS (the kernel host re-reads it on every reset, nvme_init_ctrl_finish,
+        # and updates the queue limits, nvme_update_ns_info_block).
+        mt = self.session.io_max_bytes or self.max_io_bytes
+        return mt // self.block_size if mt else 0
+
     def _create_channel_ctx(self) -> Any:
         return next(self._rr)
 
     async def _submit_read(self, ctx, lba, nblocks, buf) -> None:
         try:
-            await self.session.read(self.nsid, lba, nblocks, buf, ctx)
-        except (NvmeStatusError, TransportError) as e:
+            await self.session.read(self.nsid, lba, nblocks, buf, ctx, self.token)
+        except (NamespaceGone, NvmeStatusError, TransportError) as e:
             raise _bdev_error(e, f"{self.name}: read of {nblocks} blocks at {lba}") from None
 
     def _submit_read_nowait(self, ctx, lba, nblocks, buf, on_done) -> bool:
-        return self.session.read_nowait(self.nsid, lba, nblocks, buf, on_done, ctx)
+        return self.session.read_nowait(self.nsid, lba, nblocks, buf, on_done, ctx, self.token)
 
     async def _submit_write(self, ctx, lba, nblocks, data, fua) -> None:
         try:
-            await self.session.write(self.nsid, lba, nblocks, data, ctx, fua=fua)
-        except (NvmeStatusError, TransportError) as e:
+            await self.session.write(self.nsid, lba, nblocks, data, ctx, fua=fua, token=self.token)
+        except (NamespaceGone, NvmeStatusError, TransportError) as e:
             raise _bdev_error(e, f"{self.name}: write of {nblocks} blocks at {lba}") from None
 
     async def _submit_flush(self, ctx) -> None:
         try:
-            await self.session.flush(self.nsid, ctx)
-        except (NvmeStatusError, TransportError) as e:
+            await self.session.flush(self.nsid, ctx, self.token)
+        except (NamespaceGone, NvmeStatusError, TransportError) as e:
             raise _bdev_error(e, f"{self.name}: flush") from None
 
     async def _submit_write_zeroes(self, ctx, lba, nblocks) -> None:
@@ -110,7 +123,7 @@ class NvmeBdev(Bdev):
             # Write Zeroes NLB is 16 bits (0's based): split here, MDTS does not apply.
             while nblocks:
                 n = min(nblocks, 65536)
-                await self.session.write_zeroes(self.nsid, lba, n, ctx)
+                await self.session.write_zeroes(self.nsid, lba, n, ctx, self.token)
                 lba += n
                 nblocks -= n
         except NvmeStatusError as e:
@@ -122,7 +135,7 @@ class NvmeBdev(Bdev):
                 self._wz_unsupported = True
                 raise BdevError(errno.EOPNOTSUPP, f"{self.name}: write zeroes: {e}") from None
             raise _bdev_error(e, f"{self.name}: write zeroes") from None
-        except TransportError as e:
+        except (NamespaceGone, TransportError) as e:
             raise _bdev_error(e, f"{self.name}: write zeroes") from None
 
     async def _submit_unmap(self, ctx, lba, nblocks) -> None:
@@ -135,8 +148,8 @@ class NvmeBdev(Bdev):
                 lba += n
                 nblocks -= n
             for i in range(0, len(ranges), 256):
-                await self.session.deallocate(self.nsid, ranges[i:i + 256], ctx)
-        except (NvmeStatusError, TransportError) as e:
+                await self.session.deallocate(self.nsid, ranges[i:i + 256], ctx, self.token)
+        except (NamespaceGone, NvmeStatusError, TransportError) as e:
             raise _bdev_error(e, f"{self.name}: deallocate") from None
 
 

@@ -54,6 +54,26 @@ class ControllerUnavailable(TransportError):
     """The controller could not be reached within ctrl-loss-tmo (or fast-io-fail-tmo)."""
 
 
+class NamespaceGone(NvmeError):
+    """The namespace an I/O was issued to is no longer behind its NSID: it was removed, or a
+    reconnect or rescan found other identifiers there (a different namespace). The I/O was not
+    (re)submitted."""
+
+
+class NamespaceToken:
+    """One namespace's life at its NSID, from the rescan that found it to the one that found it
+    gone or replaced (`gone`). It stays the same across resizes. I/O issued with a token is
+    never submitted once it is gone, also when it was waiting for a reconnect: the NSID may
+    name a different namespace by then (kernel nvme_validate_ns: "identifiers changed for
+    nsid", the old namespace is removed and its I/O fails)."""
+
+    __slots__ = ("nsid", "gone")
+
+    def __init__(self, nsid: int):
+        self.nsid = nsid
+        self.gone = False
+
+
 @dataclasses.dataclass(slots=True)
 class ReconnectPolicy:
     reconnect_delay: float = 10.0     # -c (kernel NVMF_DEF_RECONNECT_DELAY)
@@ -75,6 +95,8 @@ class NamespaceInfo:
     nguid: str | None = None
     eui64: str | None = None
     uuid: str | None = None
+    # Set by the Session when it takes this namespace in (`Session._apply`); not identity.
+    token: NamespaceToken | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -163,6 +185,9 @@ class Session:
         self._done = trio.Event()
         self._ever_live = False
         self._went_live = False
+        # The largest transfer of the controller that was live last (MDTS may change when the
+        # target behind the address restarts): what the bdevs split by, also while reconnecting.
+        self.io_max_bytes = 0
         # How a connection is made: open_controller's signature; tests drive the reconnect
         # logic with a fake (no sockets).
         self._open = open_controller
@@ -253,6 +278,7 @@ class Session:
         async with self._open(self.host, self.port, self.subnqn, self.opts) as c:
             self.ctrl = c
             c.on_async_event = self._on_aen
+            self.io_max_bytes = c.max_transfer
             self._update_namespaces(c)
             if self._ever_live:
                 self.reconnects += 1
@@ -290,10 +316,14 @@ class Session:
             if c is not None and c is self.ctrl and c.lost:
                 await trio.sleep(0)   # the supervisor has not noticed yet; let it run
 
-    async def _retry(self, fn, *args, _retries: int = MAX_RETRIES, **kw):
+    async def _retry(self, fn, *args, _retries: int = MAX_RETRIES,
+                     _token: NamespaceToken | None = None, **kw):
         retries = _retries
         while True:
             c = await self._live_ctrl()
+            if _token is not None and _token.gone:
+                raise NamespaceGone(f"{self.name}: namespace {_token.nsid} was removed or "
+                                    f"replaced (its identifiers changed); I/O not submitted")
             try:
                 return await fn(c, *args, **kw)
             except (DigestError, NvmeStatusError, TransportError) as e:
@@ -332,24 +362,30 @@ class Session:
     # read/write: the first attempt on a live controller skips _retry's frames (hot path:
     # 1.4 us of 6.1 per 4 KiB read at QD32, docs/performance.md); a failure takes the same
     # decisions as in _retry.
-    async def read(self, nsid: int, slba: int, nlb: int, buf, qhint: int = 0) -> None:
+    # `token` (the namespace's NamespaceToken): the I/O fails with NamespaceGone instead of
+    # being submitted once that namespace is no longer behind `nsid`.
+    async def read(self, nsid: int, slba: int, nlb: int, buf, qhint: int = 0,
+                   token: NamespaceToken | None = None) -> None:
         c = self.ctrl
-        if c is not None and self.state is CtrlState.LIVE and not c.lost:
+        if (c is not None and self.state is CtrlState.LIVE and not c.lost
+                and (token is None or not token.gone) and len(buf) <= self.io_max_bytes):
             try:
                 return await c.read(nsid, slba, nlb, buf, qhint % len(c.io_queues))
             except (DigestError, NvmeStatusError, TransportError) as e:
                 retries = await self._after_failure(c, e, MAX_RETRIES)
-            await self._retry(_read, nsid, slba, nlb, buf, qhint, _retries=retries)
+            await self._retry(_read, nsid, slba, nlb, buf, qhint, _retries=retries, _token=token)
             return
-        await self._retry(_read, nsid, slba, nlb, buf, qhint)
+        await self._retry(_read, nsid, slba, nlb, buf, qhint, _token=token)
 
-    def read_nowait(self, nsid: int, slba: int, nlb: int, buf, on_done, qhint: int = 0) -> bool:
+    def read_nowait(self, nsid: int, slba: int, nlb: int, buf, on_done, qhint: int = 0,
+                    token: NamespaceToken | None = None) -> bool:
         """Start a read on the live controller without waiting (`Queue.read_nowait`); False if
         there is none or its queue has no free slot. `on_done(exc)` runs in the queue's reader
         task: None once `buf` holds the data, else the error; then redo it with `read`, which
         retries and reconnects."""
         c = self.ctrl
-        if c is None or self.state is not CtrlState.LIVE or c.lost:
+        if (c is None or self.state is not CtrlState.LIVE or c.lost
+                or (token is not None and token.gone) or len(buf) > self.io_max_bytes):
             return False
         qs = c.io_queues
         try:
@@ -359,25 +395,31 @@ class Session:
         return True
 
     async def write(self, nsid: int, slba: int, nlb: int, data, qhint: int = 0, *,
-                    fua: bool = False) -> None:
+                    fua: bool = False, token: NamespaceToken | None = None) -> None:
         c = self.ctrl
-        if c is not None and self.state is CtrlState.LIVE and not c.lost:
+        if (c is not None and self.state is CtrlState.LIVE and not c.lost
+                and (token is None or not token.gone) and len(data) <= self.io_max_bytes):
             try:
                 return await c.write(nsid, slba, nlb, data, qhint % len(c.io_queues), fua=fua)
             except (DigestError, NvmeStatusError, TransportError) as e:
                 retries = await self._after_failure(c, e, MAX_RETRIES)
-            await self._retry(_write, nsid, slba, nlb, data, qhint, fua, _retries=retries)
+            await self._retry(_write, nsid, slba, nlb, data, qhint, fua, _retries=retries,
+                              _token=token)
             return
-        await self._retry(_write, nsid, slba, nlb, data, qhint, fua)
+        await self._retry(_write, nsid, slba, nlb, data, qhint, fua, _token=token)
 
-    async def flush(self, nsid: int, qhint: int = 0) -> None:
-        await self._retry(lambda c: c.flush(nsid, qhint % len(c.io_queues)))
+    async def flush(self, nsid: int, qhint: int = 0, token: NamespaceToken | None = None) -> None:
+        await self._retry(lambda c: c.flush(nsid, qhint % len(c.io_queues)), _token=token)
 
-    async def write_zeroes(self, nsid: int, slba: int, nlb: int, qhint: int = 0) -> None:
-        await self._retry(lambda c: c.write_zeroes(nsid, slba, nlb, qhint % len(c.io_queues)))
+    async def write_zeroes(self, nsid: int, slba: int, nlb: int, qhint: int = 0,
+                           token: NamespaceToken | None = None) -> None:
+        await self._retry(lambda c: c.write_zeroes(nsid, slba, nlb, qhint % len(c.io_queues)),
+                          _token=token)
 
-    async def deallocate(self, nsid: int, ranges, qhint: int = 0) -> None:
-        await self._retry(lambda c: c.deallocate(nsid, ranges, qhint % len(c.io_queues)))
+    async def deallocate(self, nsid: int, ranges, qhint: int = 0,
+                         token: NamespaceToken | None = None) -> None:
+        await self._retry(lambda c: c.deallocate(nsid, ranges, qhint % len(c.io_queues)),
+                          _token=token)
 
     async def admin(self, fn):
         """Run `await fn(controller)` on the live controller (admin commands, logs)."""
@@ -487,6 +529,18 @@ class Session:
     def _apply(self, found: dict[int, NamespaceInfo]) -> None:
         old = self.namespaces
         events = diff_namespaces(old, found)
+        # Tokens first, before any I/O can run: a namespace that stays (maybe resized) keeps its
+        # token, a removed or replaced one's is gone, a new one gets a fresh token. On a
+        # reconnect this runs before the controller is LIVE, so I/O that waited for it sees
+        # the change before it could be resubmitted into another namespace.
+        removed = {nsid for kind, nsid in events if kind == "remove"}
+        for nsid, info in found.items():
+            o = old.get(nsid)
+            info.token = (o.token if o is not None and nsid not in removed and o.token
+                          else NamespaceToken(nsid))
+        for nsid in removed:
+            if old[nsid].token is not None:
+                old[nsid].token.gone = True
         self.namespaces = found
         cb = self.on_namespace
         for kind, nsid in events:
@@ -525,9 +579,29 @@ def _identity(ns: NamespaceInfo) -> tuple:
     return (ns.block_size, ns.nguid, ns.uuid, ns.eui64)
 
 
+# The first attempt of a read or write fits the controller it was sized for; one that waited for
+# a reconnect may not fit the new controller's MDTS (a target restarted with other limits): it
+# goes in pieces, one after the other (whole blocks, in order: a pipe sink fills in order). A
+# failed piece fails the command, which is resubmitted whole (reads and writes are idempotent).
+def _pieces(c: Controller, slba: int, nlb: int, nbytes: int):
+    mt = c.max_transfer
+    if nbytes <= mt or nlb <= 1:
+        yield slba, nlb, 0, nbytes
+        return
+    bs = nbytes // nlb
+    step = max(1, mt // bs)
+    for off in range(0, nlb, step):
+        n = min(step, nlb - off)
+        yield slba + off, n, off * bs, (off + n) * bs
+
+
 async def _read(c: Controller, nsid, slba, nlb, buf, qhint):
-    await c.read(nsid, slba, nlb, buf, qhint % len(c.io_queues))
+    q = qhint % len(c.io_queues)
+    for lba, n, a, b in _pieces(c, slba, nlb, len(buf)):
+        await c.read(nsid, lba, n, buf if b - a == len(buf) else buf[a:b], q)
 
 
 async def _write(c: Controller, nsid, slba, nlb, data, qhint, fua):
-    await c.write(nsid, slba, nlb, data, qhint % len(c.io_queues), fua=fua)
+    q = qhint % len(c.io_queues)
+    for lba, n, a, b in _pieces(c, slba, nlb, len(data)):
+        await c.write(nsid, lba, n, data if b - a == len(data) else data[a:b], q, fua=fua)

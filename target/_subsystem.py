@@ -35,7 +35,7 @@ class Namespace:
                  "spec", "fast", "hot", "zero_fd", "sendfile_min", "_max_io")
 
     def __init__(self, nsid: int, backend: Backend, block_size: int, subnqn: str, spec: str = "",
-                 max_io: int = 1 << 20, sendfile_min: int = 0):
+                 max_io: int = 1 << 20, sendfile_min: int = 0, generation: int = 0):
         self.nsid = nsid
         self.backend = backend
         self.block_size = block_size
@@ -46,7 +46,13 @@ class Namespace:
         self._max_io = max_io
         self.sendfile_min = sendfile_min
         self._set_hot()
-        h = hashlib.sha256(f"{subnqn}/{nsid}/{spec}".encode()).digest()
+        # Identifiers follow from the configuration, so a restarted target names the namespaces
+        # of its command line as before; a namespace created again at an NSID this subsystem
+        # had before (`generation` > 0) is a new namespace and gets new ones (Base: the NGUID
+        # and UUID are assigned when the namespace is created; nvmet makes a fresh UUID in
+        # nvmet_ns_alloc), else a host cannot tell it from the one it replaced.
+        name = f"{subnqn}/{nsid}/{spec}" + (f"/{generation}" if generation else "")
+        h = hashlib.sha256(name.encode()).digest()
         self.nguid = h[:16]
         self.eui64 = h[16:24]
         self.uuid = bytes(_uuid.UUID(bytes=h[:16], version=4).bytes)
@@ -102,6 +108,7 @@ class Subsystem:
         self.model = model or "blockfs embedded target"
         self.namespaces: dict[int, Namespace] = {}   # mutated in place: queues hold this dict
         self.controllers: dict = {}                  # cntlid -> Controller
+        self._created: dict[int, int] = {}           # NSID -> namespaces created there
 
     def host_allowed(self, hostnqn: str) -> bool:
         return not self.allow_hosts or hostnqn in self.allow_hosts
@@ -117,8 +124,10 @@ class Subsystem:
         if nsid in self.namespaces:
             raise TargetError(f"NSID {nsid} already exists")
         backend, bs = parse_ns_spec(spec)
+        generation = self._created.get(nsid, 0)
         ns = Namespace(nsid, backend, bs, self.nqn, spec, max_io=self.target.max_io_bytes,
-                       sendfile_min=self.target.config.sendfile_min)
+                       sendfile_min=self.target.config.sendfile_min, generation=generation)
+        self._created[nsid] = generation + 1
         self.namespaces[nsid] = ns
         self._changed(nsid)
         return ns

@@ -409,6 +409,8 @@ class FakeSessionCtrl:
         self._lost = trio.Event()
         self._lost_reason = None
         self.reads: list[float] = []
+        self.read_args: list[tuple[int, int, int]] = []      # (slba, nlb, bytes)
+        self.max_transfer = connector.max_transfer
         self.read_answer = None           # None: complete at once; or a callable -> exception
 
     @property
@@ -425,6 +427,7 @@ class FakeSessionCtrl:
 
     async def read(self, nsid, slba, nlb, buf, qidx=0):
         self.reads.append(trio.current_time())
+        self.read_args.append((slba, nlb, len(buf)))
         if self.read_answer is not None:
             exc = self.read_answer(self)
             if exc is HANG:
@@ -446,6 +449,7 @@ class Connector:
         self.attempts: list[float] = []
         self.ctrls: list[FakeSessionCtrl] = []
         self.on_live = None
+        self.max_transfer = 1 << 20          # of the controllers made from now on
 
     @contextlib.asynccontextmanager
     async def __call__(self, host, port, subnqn, opts):
@@ -662,6 +666,35 @@ async def test_io_in_flight_is_resubmitted_after_reconnect(autojump_clock):
         await s.aclose()
     assert len(c.reads) == 1 and len(conn.ctrls[1].reads) == 1
     assert done and done[0] - t_loss == 2.0                      # second attempt at +2 s
+
+
+async def test_io_resubmitted_after_reconnect_fits_a_smaller_max_transfer(autojump_clock):
+    """The controller behind the address came back with a smaller MDTS (a restarted target;
+    the kernel re-reads it on every reset, nvme_init_ctrl_finish): a read sized for the old one
+    that waited for the reconnect goes to the new one in pieces that fit, in order."""
+    conn = Connector("ok", "ok")
+    async with trio.open_nursery() as n:
+        s = await start_session(n, conn, delay=1.0, loss=30.0)
+        assert s.io_max_bytes == 1 << 20
+        c = conn.ctrls[0]
+        c.read_answer = lambda c: HANG
+        done = []
+
+        async def reader():
+            await s.read(1, 8, 1024, bytearray(1024 * 512))
+            done.append(trio.current_time())
+        n.start_soon(reader)
+        await trio.sleep(0.5)
+        conn.max_transfer = 128 << 10
+        c.lose()
+        await wait_state(s, CtrlState.RESETTING)
+        await wait_state(s, CtrlState.LIVE)
+        await trio.sleep(0.1)
+        assert done and s.io_max_bytes == 128 << 10
+        assert conn.ctrls[1].read_args == [(8 + 256 * i, 256, 128 << 10) for i in range(4)]
+        await s.read(1, 0, 512, bytearray(512 * 512))            # new I/O: split too
+        assert conn.ctrls[1].read_args[4:] == [(0, 256, 128 << 10), (256, 256, 128 << 10)]
+        await s.aclose()
 
 
 async def test_transport_error_before_the_controller_notices(autojump_clock):

@@ -22,6 +22,7 @@ Per fault switch (docs/target.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -37,6 +38,8 @@ from initiator.controller import ControllerOptions, open_controller
 from initiator.session import MAX_RETRIES, ControllerUnavailable, CtrlState, ReconnectPolicy, \
     Session
 from target import SubsystemConfig, TargetConfig, serve_target
+from target._subsystem import Namespace
+from target.backends import parse_ns_spec
 
 BS = 4096                       # namespace 1: 16 MiB of 4096-byte blocks
 OPC_READ, OPC_WRITE = 0x02, 0x01
@@ -390,6 +393,89 @@ async def test_c2h_term_req_is_connection_lost_and_reconnects(et, qid):
         assert s.reconnects == 1
 
 
+# -- identity across reconnects ------------------------------------------------------------------
+
+async def test_io_waiting_for_a_reconnect_never_reaches_a_replaced_namespace(et):
+    """The reconnect finds other identifiers behind NSID 1 (a different namespace: the kernel's
+    nvme_validate_ns removes it, "identifiers changed for nsid"): a write that was in flight
+    when the port went down and one issued during the outage fail with ENODEV; neither is
+    resubmitted into the new namespace. A namespace that is only resized keeps its bdev."""
+    from bdev import BdevError
+    from bdev.nvme import NvmeController
+    from bdev.registry import BdevRegistry
+    async with session(et) as s, trio.open_nursery() as n:
+        reg = BdevRegistry(examine_modules=[])
+        ctrl = NvmeController(reg, s, 0)
+        await ctrl.start(n)
+        old = reg.get("nvme0n1")
+        ch = old.get_io_channel()
+        await ch.write_blocks(9, 1, b"\x11" * BS)
+        results = {}
+
+        async def writer(lba):
+            try:
+                await ch.write_blocks(lba, 1, b"\x77" * BS)
+                results[lba] = "ok"
+            except BdevError as e:
+                results[lba] = e.errno
+        await et.arpc("fault_command", action="drop", opcode=OPC_WRITE, queue="io", count=1)
+        n.start_soon(writer, 10)                        # in flight, never completed
+        await trio.sleep(0.2)
+        await et.arpc("set_port", state="down")
+        await wait_state(s, CtrlState.RESETTING, 2.0)
+        n.start_soon(writer, 11)                        # issued during the outage
+        await et.arpc("remove_ns", nsid=1)
+        await et.arpc("add_ns", nsid=1, spec="ram:8M:4096")
+        await trio.sleep(0.2)
+        await et.arpc("set_port", state="up")
+        await wait_reconnected(s)
+        await wait_for(lambda: len(results) == 2, 5, lambda: f"both writes done ({results})")
+        assert results == {10: errno.ENODEV, 11: errno.ENODEV}
+        assert old.removed
+        await wait_for(lambda: reg.get("nvme0n1") not in (None, old), 5, lambda: "the new bdev")
+        new = reg.get("nvme0n1")
+        assert new.num_blocks == (8 << 20) // BS
+        assert await read_back(s, 10, 3) == bytes(3 * BS)    # nothing landed in the new one
+        with pytest.raises(BdevError) as ei:
+            await ch.read_blocks(9, 1)
+        assert ei.value.errno == errno.ENODEV
+
+        # Same namespace, resized during an outage: the bdev and its handles stay.
+        ch2 = new.get_io_channel()
+        await et.arpc("set_port", state="down")
+        await wait_state(s, CtrlState.RESETTING, 2.0)
+        await et.arpc("resize_ns", nsid=1, size="12M")
+        await et.arpc("set_port", state="up")
+        await wait_reconnected(s, 2)
+        await ch2.write_blocks(5, 1, b"\x55" * BS)
+        assert await read_back(s, 5) == b"\x55" * BS
+        await wait_for(lambda: new.num_blocks == (12 << 20) // BS, 5, lambda: "the resize")
+        assert reg.get("nvme0n1") is new and not new.removed
+        n.cancel_scope.cancel()
+
+
+async def test_namespace_recreated_with_the_same_spec_is_a_new_namespace(et):
+    """remove_ns + add_ns of the same spec at the same NSID while the host is away: a new
+    namespace (empty RAM), so new identifiers (Base: NGUID/UUID are assigned when a namespace
+    is created; nvmet generates a UUID per namespace), and the host sees a remove and an add.
+    The namespaces of the command line keep identifiers derived from it (stable restarts)."""
+    spec = "ram:16M:4096"
+    before = (await et.arpc("list"))["subsystems"][0]["namespaces"][0]
+    async with session(et) as s:
+        events = []
+        s.on_namespace = lambda kind, nsid, info: events.append((kind, nsid))
+        await et.arpc("set_port", state="down")
+        await wait_state(s, CtrlState.RESETTING, 2.0)
+        await et.arpc("remove_ns", nsid=1)
+        after = await et.arpc("add_ns", nsid=1, spec=spec)
+        await et.arpc("set_port", state="up")
+        await wait_reconnected(s)
+        assert (after["nguid"], after["uuid"]) != (before["nguid"], before["uuid"])
+        assert events == [("remove", 1), ("add", 1)]
+    ns0 = Namespace(1, parse_ns_spec(spec)[0], 4096, et.nqn, spec)
+    assert ns0.nguid.hex() == before["nguid"]              # generation 0: from the config
+
+
 # -- fault_corrupt_digest -------------------------------------------------------------------------
 
 async def test_corrupted_header_digest_host_terminates_and_recovers(et):
@@ -524,6 +610,13 @@ NQN = "nqn.2026-01.io.blockfs:faults"
 
 
 @pytest.fixture
+def sockdir_fresh():
+    d = tempfile.mkdtemp(prefix="bff", dir="/tmp")       # unix socket paths are short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 async def inproc(nursery):
     d = tempfile.mkdtemp(prefix="bff", dir="/tmp")       # unix socket paths are short
     cfg = TargetConfig(listen=["127.0.0.1:0"],
@@ -589,3 +682,46 @@ async def test_corrupted_header_digest_is_answered_with_fes_3(inproc, caplog):
         await wait_reconnected(s, timeout=5)
         await wait_for(lambda: host_term_reqs(caplog), 2, lambda: "H2CTermReq at the target")
         assert host_term_reqs(caplog) == [(FES_HDGST, 0)]
+
+
+# -- a target restarted with other limits (in-process: two targets on one port) ------------------
+
+async def test_target_restarted_with_a_smaller_mdts_gets_io_that_fits(sockdir_fresh):
+    """The target behind the address restarts with MDTS 128 KiB instead of 1 MiB: after the
+    reconnect, bdev I/O is split for the new limit (the kernel host re-reads MDTS on every
+    reset and updates the queue limits), it does not fail with Invalid Field (EINVAL)."""
+    from bdev.nvme import NvmeController
+    from bdev.registry import BdevRegistry
+    d = sockdir_fresh
+    ns = ["ram:16M:4096"]
+
+    def cfg(port, mdts, n):
+        return TargetConfig(listen=[f"127.0.0.1:{port}"], mdts=mdts,
+                            subsystems=[SubsystemConfig(nqn=NQN, namespaces=ns)],
+                            control=os.path.join(d, f"ctl{n}.sock"))
+    async def serve(config, *, task_status):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                task_status.started((await inner.start(serve_target, config), scope))
+    async with trio.open_nursery() as n:
+        t1, first = await n.start(serve, cfg(0, 8, 1))
+        port = t1.port
+        s = Session("127.0.0.1", port, NQN, options(),
+                    ReconnectPolicy(reconnect_delay=0.2, ctrl_loss_tmo=30), rescan_interval=0)
+        await s.start(n)
+        reg = BdevRegistry(examine_modules=[])
+        await NvmeController(reg, s, 0).start(n)
+        ch = reg.get("nvme0n1").get_io_channel()
+        data = os.urandom(512 << 10)
+        await ch.write_blocks(0, len(data) // BS, data)
+        first.cancel()                                   # the target goes away...
+        await wait_state(s, CtrlState.RESETTING, 3.0)
+        t2, _ = await n.start(serve, cfg(port, 5, 2))   # ...and comes back, MDTS 5
+        await wait_reconnected(s)
+        assert s.io_max_bytes == 128 << 10
+        await ch.write_blocks(256, len(data) // BS, data)
+        assert bytes(await ch.read_blocks(256, len(data) // BS)) == data
+        assert bytes(t2.state.subsystem(NQN).namespaces[1].backend.mv[1 << 20:][:len(data)]) \
+            == data
+        await s.aclose()
+        n.cancel_scope.cancel()
