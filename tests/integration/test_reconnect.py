@@ -146,3 +146,65 @@ async def test_fast_io_fail_fails_queued_io_but_keeps_reconnecting(fault_target)
         await _wait_state(s, CtrlState.LIVE, 10)
         await s.read(1, 0, 1, memoryview(bytearray(4096)))
         await s.aclose()
+
+
+async def test_write_waiting_for_a_reconnect_never_reaches_a_replaced_namespace(fault_target):
+    """While the port is cut, namespace 1 is removed and created again (nvmet gives it a new
+    UUID: a different namespace). The write issued during the outage fails with ENODEV
+    instead of being resubmitted by NSID into the new namespace, and the old bdev is replaced
+    by a new one of the new size. Last in this module: it puts namespace 1 back as it was."""
+    kt = fault_target
+    size = kt.namespaces[0]["bytes"]
+    try:
+        await _write_into_replaced_namespace(kt)
+    finally:
+        # Namespace 1 as the module's VM had it.
+        await trio.to_thread.run_sync(kt.restore_port)
+        await trio.to_thread.run_sync(kt.remove_ns, 1)
+        await trio.to_thread.run_sync(kt.add_ns, 1, size)
+
+
+async def _write_into_replaced_namespace(kt) -> None:
+    import errno
+
+    from bdev import BdevError
+    from bdev.nvme import NvmeController
+    from bdev.registry import BdevRegistry
+    async with trio.open_nursery() as n:
+        s = await _session(kt, n, kato=2.0, delay=1.0)
+        reg = BdevRegistry(examine_modules=[])
+        ctrl = NvmeController(reg, s, 0)
+        await ctrl.start(n)
+        old = reg.get("nvme0n1")
+        bs = old.block_size
+        ch = old.get_io_channel()
+        result = []
+
+        async def writer():
+            try:
+                await ch.write_blocks(11, 1, b"\x77" * bs)
+                result.append("ok")
+            except BdevError as e:
+                result.append(e.errno)
+        await trio.to_thread.run_sync(kt.kill_port)
+        try:
+            await _wait_state(s, CtrlState.RESETTING, 10)
+            n.start_soon(writer)                        # waits for the reconnect
+            await trio.to_thread.run_sync(kt.remove_ns, 1)
+            await trio.to_thread.run_sync(kt.add_ns, 1, "16M")
+        finally:
+            await trio.to_thread.run_sync(kt.restore_port)
+        with trio.fail_after(20):
+            while not result:
+                await trio.sleep(0.1)
+        assert result == [errno.ENODEV]
+        with trio.fail_after(10):
+            while reg.get("nvme0n1") in (None, old):
+                await trio.sleep(0.1)
+        new = reg.get("nvme0n1")
+        assert old.removed and new.num_blocks * new.block_size == 16 << 20
+        buf = bytearray(bs)
+        await s.read(1, 11, 1, memoryview(buf))
+        assert buf != b"\x77" * bs                      # the write never reached it
+        await s.aclose()
+        n.cancel_scope.cancel()
