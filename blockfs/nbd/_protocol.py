@@ -893,7 +893,10 @@ def read_chunk_header(handle: int, offset: int, length: int) -> bytes:
 
 def error_chunk(handle: int, error: int, message: str = "") -> bytes:
     """Final NBD_REPLY_TYPE_ERROR chunk with an optional human-readable message."""
-    raw = message.encode()[:MAX_STRING]
+    raw = message.encode()
+    if len(raw) > MAX_STRING:
+        # Cut on a character boundary: the message is a string, which must stay UTF-8.
+        raw = raw[:MAX_STRING].decode("utf-8", "ignore").encode()
     return (
         _ERROR_CHUNK.pack(
             STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.ERROR, handle, 6 + len(raw),

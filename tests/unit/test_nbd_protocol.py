@@ -577,6 +577,16 @@ def test_error_chunk_golden():
     )
 
 
+def test_error_chunk_long_message_stays_utf8():
+    # proto.md: a string (error messages included) is UTF-8 and "MUST be no longer than 4096
+    # bytes"; cutting at byte 4096 must not split a multi-byte character.
+    chunk = error_chunk(5, 5, "a" + "\u00e9" * 3000)
+    (mlen,) = struct.unpack_from(">H", chunk, 24)
+    assert mlen <= 4096 and len(chunk) == 26 + mlen
+    assert struct.unpack_from(">I", chunk, 16)[0] == 6 + mlen
+    assert chunk[26:].decode("utf-8") == "a" + "\u00e9" * ((mlen - 1) // 2)
+
+
 def test_none_chunk_golden():
     assert none_chunk(9) == bytes.fromhex("668e33ef" "0001" "0000" "0000000000000009" "00000000")
 
