@@ -79,6 +79,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 ROOT = pyfuse3.ROOT_INODE
+_NAME_MAX = 255           # statfs f_namemax (NAME_MAX): longer names are ENAMETOOLONG
 # Read buffer reuse: at most this many idle buffers of one size, and new sizes only while the
 # pool holds less than _READ_BUF_BYTES.
 _READ_BUFS_PER_SIZE = 64
@@ -314,7 +315,8 @@ class BlockFs(pyfuse3.Operations):
             return self._root_attrs()
         entry = self._by_name.get(name)
         if entry is None:
-            raise FUSEError(errno.ENOENT)
+            # Longer than statfs's f_namemax: ENAMETOOLONG, as Linux file systems answer.
+            raise FUSEError(errno.ENAMETOOLONG if len(name) > _NAME_MAX else errno.ENOENT)
         entry.lookups += 1
         return self._attrs(entry)
 
@@ -356,7 +358,7 @@ class BlockFs(pyfuse3.Operations):
         s.f_bfree = s.f_bavail = 0
         s.f_files = len(self._by_name) + 1
         s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
+        s.f_namemax = _NAME_MAX
         return s
 
     # -- directory ---------------------------------------------------------------------------------

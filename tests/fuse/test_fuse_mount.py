@@ -69,6 +69,10 @@ def test_listing_and_stat(mount):
     assert os.stat(mount / "fixture0p2").st_size == 2 * MIB
     assert not os.path.exists(mount / "nope")
     assert os.statvfs(mount.path).f_files >= 6
+    with pytest.raises(OSError) as e:                # longer than f_namemax (255)
+        os.stat(mount / ("x" * 256))
+    assert e.value.errno == errno.ENAMETOOLONG
+    assert os.statvfs(mount.path).f_namemax == 255
 
 
 def test_dd_round_trip_and_o_trunc_is_ignored(mount, tmp_path):
