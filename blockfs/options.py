@@ -8,7 +8,8 @@ import math
 import re
 import uuid
 
-from initiator._fabrics import NQN_MAX
+from initiator._errors import LocalProtocolError
+from initiator._fabrics import check_nqn
 from initiator.controller import ControllerOptions
 from initiator.session import ReconnectPolicy
 
@@ -90,11 +91,12 @@ def _hostid(s: str) -> str:
 
 
 def _nqn(s: str) -> str:
-    """NVMe Base 4.5: an NQN is 1 to 223 bytes of UTF-8 (the Connect data has 256 with NUL
-    padding). Checked here so a bad one is a usage error, not a failed Connect."""
-    n = len(s.encode("utf-8", "surrogateescape"))
-    if not 1 <= n <= NQN_MAX:
-        raise argparse.ArgumentTypeError(f"an NQN is 1 to {NQN_MAX} bytes, not {n}")
+    """The Connect's NQN rule (`check_nqn`), checked here so a bad NQN is a usage error, not a
+    failed Connect."""
+    try:
+        check_nqn(s)
+    except LocalProtocolError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return s
 
 

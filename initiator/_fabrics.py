@@ -38,11 +38,18 @@ def connect_sqe(qid: int, sqsize: int, kato_ms: int, *, disable_sqflow: bool = T
     return b
 
 
+def check_nqn(nqn: str, what: str = "an NQN") -> None:
+    """NVMe Base 4.5: an NQN is 1 to NQN_MAX bytes of UTF-8 (the Connect data pads it to 256
+    with NULs). LocalProtocolError otherwise; the CLI checks its arguments with it too."""
+    n = len(nqn.encode("utf-8", "surrogateescape"))
+    if not 1 <= n <= NQN_MAX:
+        raise LocalProtocolError(f"{what} must be 1..{NQN_MAX} bytes, not {n}")
+
+
 def connect_data(hostid: str, cntlid: int, subnqn: str, hostnqn: str) -> bytes:
     """The 1024-byte Connect data (NVMe-oF 3.3 Figure 20)."""
-    for what, nqn in (("subsystem NQN", subnqn), ("host NQN", hostnqn)):
-        if not nqn or len(nqn.encode()) > NQN_MAX:
-            raise LocalProtocolError(f"{what} must be 1..{NQN_MAX} bytes")
+    check_nqn(subnqn, "subsystem NQN")
+    check_nqn(hostnqn, "host NQN")
     return _CONNECT_DATA.pack(_uuid.UUID(hostid).bytes, cntlid, subnqn.encode(), hostnqn.encode())
 
 
