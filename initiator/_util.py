@@ -63,6 +63,20 @@ def drop_sent(bufs: list, sent: int) -> None:
     del bufs[:i]
 
 
+def _ipv4_sysctl(name: str) -> str:
+    """/proc/sys/net/ipv4/NAME, stripped ("" where unreadable)."""
+    try:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def system_congestion() -> str:
+    """The congestion control new TCP sockets get (net.ipv4.tcp_congestion_control), or ""."""
+    return _ipv4_sysctl("tcp_congestion_control")
+
+
 def set_tcp_congestion(sock: socket.socket, name: str) -> None:
     """Choose a TCP socket's congestion control (TCP_CONGESTION, tcp(7)), e.g. "cubic".
 
@@ -74,11 +88,7 @@ def set_tcp_congestion(sock: socket.socket, name: str) -> None:
         if e.errno not in (errno.ENOENT, errno.EPERM):
             raise
         which = "available" if e.errno == errno.ENOENT else "allowed"
-        try:
-            with open(f"/proc/sys/net/ipv4/tcp_{which}_congestion_control") as f:
-                offered = f.read().split()
-        except OSError:
-            offered = []
+        offered = _ipv4_sysctl(f"tcp_{which}_congestion_control").split()
         raise ValueError(f"TCP congestion control {name!r} is not {which} here"
                          + (f" ({', '.join(offered)})" if offered else "")) from None
 

@@ -36,7 +36,7 @@ from time import perf_counter
 
 import trio
 
-from initiator._util import IdleMeter, drop_sent, set_tcp_congestion
+from initiator._util import IdleMeter, drop_sent, set_tcp_congestion, system_congestion
 
 from ._queue import TargetQueue
 from .backends import FileRange
@@ -57,14 +57,6 @@ def parse_hostport(text: str) -> tuple[str, int]:
         raise ValueError(f"bad listen address {text!r}: want HOST:PORT")
     host = host.strip("[]")
     return host or "127.0.0.1", int(port)
-
-
-def _system_congestion() -> str:
-    try:
-        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 class Connection:
@@ -337,7 +329,7 @@ class TargetServer:
             self._listen_socks.append(s)
             self.addresses.append((host, s.getsockname()[1]))
         if self.config.sendfile_min and (self.config.tcp_congestion
-                                         or _system_congestion()) == "bbr":
+                                         or system_congestion()) == "bbr":
             log.warning("--sendfile-min with BBR congestion control: the kernel paces each "
                         "send, and sendfile costs more than copying (docs/target.md); "
                         "--tcp-congestion cubic avoids that")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import trio
 
+from helpers.tcp import congestion_of, other_congestion_control
 from initiator import _structs as st
 from initiator._errors import NvmeStatusError
 from initiator._spec import DISCOVERY_NQN
@@ -102,21 +102,15 @@ async def test_write_read_verify_sizes(nvme_target, digests):
         assert (streamed > 0) is not digests, streamed
 
 
-def _other_congestion_control() -> str:
-    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
-        return "reno" if f.read().strip() != "reno" else "cubic"   # reno is always built in
-
-
 async def test_tcp_congestion_option_sets_every_queue(nvme_target):
     """--tcp-congestion: each queue's socket (admin and I/O) uses the algorithm asked for, not
     the system default, and I/O works over it."""
     t = nvme_target
-    algo = _other_congestion_control()
+    algo = other_congestion_control()
     opts = ControllerOptions(nr_io_queues=2, tcp_congestion=algo)
     async with open_controller(t.host, t.port, t.nqn, opts) as c:
         for q in [c.admin, *c.io_queues]:
-            got = q.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
-            assert got.rstrip(b"\0").decode() == algo
+            assert congestion_of(q.sock) == algo
         nsid, (nblocks, bs) = min(t.namespaces.items())
         data = os.urandom(65536)
         await c.write(nsid, 8, len(data) // bs, data)

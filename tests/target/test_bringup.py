@@ -16,6 +16,7 @@ from initiator._spec import (
     CSTS_SHST_COMPLETE, DISCOVERY_NQN, FeatureId, LogPage, Property,
 )
 from initiator._pdu import sqe
+from helpers.tcp import congestion_of, other_congestion_control
 from rawclient import HOSTNQN, NQN, RawClient, io_client
 
 pytestmark = pytest.mark.trio
@@ -263,20 +264,14 @@ async def test_discovery(make_target):
         await c.aclose()
 
 
-def _tcp_congestion(sock) -> str:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
-
-
 async def test_tcp_congestion_applies_to_every_connection(make_target):
-    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
-        default = f.read().strip()
-    algo = "reno" if default != "reno" else "cubic"      # reno is always built in
+    algo = other_congestion_control()
     server = await make_target(tcp_congestion=algo)
     with trio.fail_after(5):
         c = await RawClient.open(server.port)
         await c.icreq()
         conn, = server.conns
-        assert _tcp_congestion(conn.sock) == algo
+        assert congestion_of(conn.sock) == algo
         await c.aclose()
 
 
