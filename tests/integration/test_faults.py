@@ -617,8 +617,8 @@ def sockdir_fresh():
 
 
 @pytest.fixture
-async def inproc(nursery):
-    d = tempfile.mkdtemp(prefix="bff", dir="/tmp")       # unix socket paths are short
+async def inproc(nursery, sockdir_fresh):
+    d = sockdir_fresh
     cfg = TargetConfig(listen=["127.0.0.1:0"],
                        subsystems=[SubsystemConfig(nqn=NQN, namespaces=["ram:16M:4096"])],
                        control=os.path.join(d, "ctl.sock"))
@@ -629,8 +629,7 @@ async def inproc(nursery):
         from target.control import acall
         return await acall(cfg.control, method, **params)
     server.arpc = arpc
-    yield server
-    shutil.rmtree(d, ignore_errors=True)
+    return server
 
 
 def host_term_reqs(caplog) -> list[tuple[int, int]]:
