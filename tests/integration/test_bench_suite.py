@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_bench_suite_runs(tmp_path):
     png, js = tmp_path / "lat.png", tmp_path / "runs.json"
     out = subprocess.run([sys.executable, "scripts/bench", "--runs", "1", "--time", "0.5",
-                          "--only", "raw-4k-qd1", "fuse-malloc-4k", "nbd-4k",
+                          "--only", "raw-4k-qd1", "fuse-malloc-4k", "fuse-pyfuse3-1m", "nbd-4k",
                           "--png", str(png), "--json", str(js)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -30,7 +30,9 @@ def test_bench_suite_runs(tmp_path):
     # The target's connections use cubic whatever the system's default (BBR paces each send)
     assert "target on CPU 0 (TCP cubic)" in out.stdout
     doc = json.loads(js.read_text())
-    assert set(doc["medians"]) == {"raw-4k-qd1", "fuse-malloc-4k", "nbd-4k"}
+    assert set(doc["medians"]) == {"raw-4k-qd1", "fuse-malloc-4k", "fuse-pyfuse3-1m", "nbd-4k"}
+    # The pyfuse3 ceiling mount came up and served the 1 MiB job.
+    assert doc["medians"]["fuse-pyfuse3-1m"]["mib_s"] > 0
     assert all(m["iops"] > 0 for m in doc["medians"].values())
     # Busy time (CPU minus polling an empty socket) is reported for both sides.
     assert "initiator CPU us/IO (busy)" in out.stdout
