@@ -105,7 +105,9 @@ class HostQueue:
         self.rx = PduReceiver(HOST_ACCEPTS)
         self.rx.sink_resolver = self._resolve_sink
         # Per-CID state, preallocated (hot path: list indexing, no per-I/O objects).
-        self._free = list(range(depth - 1, -1, -1))
+        # The free CIDs; alloc_cid() pops one. A shell may pop from it itself where a call
+        # costs too much (Queue.read_nowait); anything else goes through the methods.
+        self.free_cids = list(range(depth - 1, -1, -1))
         self._active = [False] * depth
         self._rbuf = [None] * depth      # read destination (memoryview) or None
         self._rxoff = [0] * depth        # bytes of read data received so far
@@ -162,7 +164,7 @@ class HostQueue:
     # -- commands ---------------------------------------------------------------------------
     def alloc_cid(self) -> int:
         """A free command identifier, or -1 if every slot is busy."""
-        free = self._free
+        free = self.free_cids
         if not free:
             return -1
         return free.pop()
@@ -171,7 +173,7 @@ class HostQueue:
         """Give back a CID that was allocated but never sent."""
         if self._active[cid]:
             raise LocalProtocolError("CID is in flight")
-        self._free.append(cid)
+        self.free_cids.append(cid)
 
     def read_cmd(self, cid: int, nsid: int, slba: int, cdw12: int, buf, out: list) -> None:
         """Hot path: encode a Read of `buf.nbytes` bytes into `buf` and append its buffers to
@@ -347,7 +349,7 @@ class HostQueue:
         rbuf = self._rbuf
         rxoff = self._rxoff
         derr = self._derr
-        free = self._free
+        free = self.free_cids
         wdata = self._wdata
         n = 0
         streamed = 0
@@ -487,7 +489,7 @@ class HostQueue:
         self._rbuf[cid] = None
         self._wdata[cid] = None
         self.outstanding -= 1
-        self._free.append(cid)
+        self.free_cids.append(cid)
 
     def _on_r2t(self, hdr) -> list:
         cid, ttag, r2to, r2tl = DATA_HDR.unpack_from(hdr, 0)[5:9]
