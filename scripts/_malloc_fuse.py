@@ -11,7 +11,6 @@ costs on its own. Not a user command (scripts/bench starts it).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -22,25 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bdev import BdevRegistry, MallocBdev  # noqa: E402
 from blockfs.fuse import serve_fuse  # noqa: E402
 from blockfs.options import parse_size  # noqa: E402
+from scripts._helper_mount import run_until_stopped  # noqa: E402
 
 
 async def main(a: argparse.Namespace) -> None:
     registry = BdevRegistry(examine_modules=[])
     await registry.register(MallocBdev("malloc0", a.size // a.block_size, a.block_size))
-    async with trio.open_nursery() as nursery:
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    return
-
-        async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
-            await serve_fuse(registry, a.mountpoint, task_status=task_status)
-            nursery.cancel_scope.cancel()     # unmounted from outside (fusermount3 -u): exit
-
-        nursery.start_soon(stop_on_signal)
-        await nursery.start(serve)
-        print("READY", flush=True)
+    await run_until_stopped(
+        lambda task_status: serve_fuse(registry, a.mountpoint, task_status=task_status))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import signal
 import stat
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blockfs.options import parse_size  # noqa: E402
+from scripts._helper_mount import run_until_stopped  # noqa: E402
 
 _FILE_INODE = pyfuse3.ROOT_INODE + 1
 _NAME = b"ram0"
@@ -80,20 +80,11 @@ async def main(a: argparse.Namespace) -> None:
     opts.add("fsname=blockfs-ceiling")
     pyfuse3.init(CeilingOps(a.size), a.mountpoint, opts)
     try:
-        async with trio.open_nursery() as nursery:
-            async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
-                        return
+        async def serve(task_status) -> None:
+            task_status.started()        # pyfuse3.init mounted it
+            await pyfuse3.main()
 
-            async def serve() -> None:
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()     # unmounted from outside: exit
-
-            nursery.start_soon(stop_on_signal)
-            nursery.start_soon(serve)
-            print("READY", flush=True)
+        await run_until_stopped(serve)
     finally:
         pyfuse3.close(unmount=True)
 
