@@ -83,10 +83,18 @@ def check_mountpoint(path: str) -> str:
     return path
 
 
-def parse_listen(s: str) -> tuple[str, int]:
+def parse_listen(s: str) -> tuple[str, int] | str:
+    """An NBD listen address: ``ADDR:PORT`` -> (addr, port); ``unix:PATH`` -> the absolute PATH."""
+    if s.startswith("unix:"):
+        path = s[5:]
+        if not path:
+            raise ValueError(f"'{s}': unix: needs a socket path")
+        if len(os.fsencode(os.path.abspath(path))) > 107:
+            raise ValueError(f"'{s}': a unix socket path is at most 107 bytes")
+        return os.path.abspath(path)
     host, sep, port = s.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"'{s}' is not ADDR:PORT")
+        raise ValueError(f"'{s}' is not ADDR:PORT or unix:PATH")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -97,7 +105,7 @@ class Daemon:
         self.sessions: list[Session] = []
         self.controllers: list[NvmeController] = []
         self.mountpoint: str | None = None
-        self.nbd_address: tuple[str, int] | None = None
+        self.nbd_address: str | None = None  # "ADDR:PORT" or "unix:PATH"
         self.control_path: str | None = None
         self.started = time.time()
         self.hotplug = None
@@ -123,7 +131,7 @@ class Daemon:
 
     async def rpc_list(self, params):
         return {"pid": os.getpid(), "mountpoint": self.mountpoint,
-                "nbd": f"{self.nbd_address[0]}:{self.nbd_address[1]}" if self.nbd_address else None,
+                "nbd": self.nbd_address,
                 "bdevs": self._bdev_rows()}
 
     async def rpc_stats(self, params):
@@ -156,7 +164,7 @@ class Daemon:
     def _write_runfile(self) -> None:
         os.makedirs(RUN_DIR, exist_ok=True)
         info = {"pid": os.getpid(), "mountpoint": self.mountpoint, "control": self.control_path,
-                "nbd": f"{self.nbd_address[0]}:{self.nbd_address[1]}" if self.nbd_address else None,
+                "nbd": self.nbd_address,
                 "traddr": self.args.traddr, "trsvcid": self.args.trsvcid, "subnqn": self.args.nqn}
         tmp = os.path.join(RUN_DIR, f".{os.getpid()}.json")
         with open(tmp, "w") as f:
@@ -219,11 +227,17 @@ class Daemon:
             self._fuse_scope = trio.CancelScope()
             self.fs = await nursery.start(self._run_fuse, serve_fuse)
         if getattr(a, "nbd", None):
-            from .nbd import serve_nbd
-            host, port = parse_listen(a.nbd)
-            bound = await nursery.start(lambda task_status: serve_nbd(
-                self.registry, host, port, read_only=a.read_only, task_status=task_status))
-            self.nbd_address = (host, bound if isinstance(bound, int) else port)
+            from .nbd import serve_nbd, serve_nbd_unix
+            where = parse_listen(a.nbd)
+            if isinstance(where, str):
+                await nursery.start(lambda task_status: serve_nbd_unix(
+                    self.registry, where, read_only=a.read_only, task_status=task_status))
+                self.nbd_address = f"unix:{where}"
+            else:
+                host, port = where
+                bound = await nursery.start(lambda task_status: serve_nbd(
+                    self.registry, host, port, read_only=a.read_only, task_status=task_status))
+                self.nbd_address = f"{host}:{bound if isinstance(bound, int) else port}"
         await nursery.start(serve_control, self.control_path, {
             "list": self.rpc_list, "stats": self.rpc_stats, "rescan": self.rpc_rescan,
             "shutdown": self.rpc_shutdown})

@@ -43,7 +43,8 @@ def add_parsers(sub, common) -> None:
                             "attach/detach subsystems as its log changes")
         if name == "mount":
             p.add_argument("mountpoint", help="directory to mount on")
-            p.add_argument("--nbd", metavar="ADDR:PORT", help="also serve NBD on ADDR:PORT")
+            p.add_argument("--nbd", metavar="ADDR:PORT|unix:PATH",
+                           help="also serve NBD on ADDR:PORT or the unix socket PATH")
             p.add_argument("--allow-other", action="store_true",
                            help="let other users access the mount (FUSE allow_other)")
             # 32-bit IDs; 0xFFFFFFFF is (uid_t)-1, "no owner". A larger value made every
@@ -54,8 +55,10 @@ def add_parsers(sub, common) -> None:
                            help="group of the files")
             p.add_argument("--mode", type=_mode, default=0o600, help="file mode (octal, default 600)")
         else:
-            p.add_argument("--listen", dest="nbd", metavar="ADDR:PORT", default="127.0.0.1:10809",
-                           help="NBD listen address (default 127.0.0.1:10809)")
+            p.add_argument("--listen", dest="nbd", metavar="ADDR:PORT|unix:PATH",
+                           default="127.0.0.1:10809",
+                           help="NBD listen address, TCP or a unix socket (default "
+                                "127.0.0.1:10809)")
         p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
         p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
         p.add_argument("--control", metavar="PATH",

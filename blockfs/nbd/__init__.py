@@ -1,6 +1,7 @@
 """NBD export of bdevs: a sans-IO protocol core (`_protocol`) and its trio shell (`server`).
 
-Entry point: ``port = await nursery.start(serve_nbd, registry, "127.0.0.1", 0)``.
+Entry points: ``port = await nursery.start(serve_nbd, registry, "127.0.0.1", 0)`` (TCP) and
+``await nursery.start(serve_nbd_unix, registry, "/run/blockfs.nbd")`` (a unix socket).
 
 The shell (and with it trio and `bdev`) is imported on first use of `serve_nbd`/`NbdServer`,
 so the protocol core can be used and tested on its own.
@@ -17,7 +18,9 @@ from ._protocol import (
 
 __all__ = [
     "serve_nbd",
+    "serve_nbd_unix",
     "NbdServer",
+    "NbdAddressError",
     "NbdError",
     "ProtocolError",
     "LocalProtocolError",
@@ -26,7 +29,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("serve_nbd", "NbdServer"):
+    if name in ("serve_nbd", "serve_nbd_unix", "NbdServer", "NbdAddressError"):
         from . import server
 
         return getattr(server, name)

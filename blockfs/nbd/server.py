@@ -1,6 +1,7 @@
 """trio shell of the NBD server: sockets, tasks and bdev I/O around the sans-IO `_protocol`.
 
-Exports every bdev of a `BdevRegistry` by name on a TCP port.  It does not parse or build wire
+Exports every bdev of a `BdevRegistry` by name on a TCP port or a unix socket (`serve_nbd_unix`,
+as `qemu-nbd -k` and `nbdkit -U` serve local clients).  It does not parse or build wire
 bytes itself (that is `_protocol`), and it does not decide what a bdev is (that is `bdev/`).
 
 Per connection:
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 from collections import deque
 from typing import Any
 
@@ -60,7 +62,7 @@ from ._protocol import (
     validate_request,
 )
 
-__all__ = ["serve_nbd", "NbdServer"]
+__all__ = ["serve_nbd", "serve_nbd_unix", "NbdServer", "NbdAddressError"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,51 @@ async def serve_nbd(
     await server.serve(host, port, task_status=task_status)
 
 
+async def serve_nbd_unix(
+    registry: Any,
+    path: str,
+    *,
+    read_only: bool = False,
+    default_export: str | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve every bdev of *registry* over NBD on the unix stream socket *path* until cancelled.
+
+    Clients connect with ``nbd+unix:///EXPORT?socket=PATH``.  The socket is made mode 0600 (the
+    exports are raw disks) and removed on exit.  A socket left behind by a server that is gone
+    is replaced; one a live server answers on is not.
+
+    Raises:
+        NbdAddressError: *path* is a live server's socket, is not a socket, or cannot be bound.
+    """
+    server = NbdServer(registry, read_only=read_only, default_export=default_export)
+    await server.serve_unix(path, task_status=task_status)
+
+
+class NbdAddressError(OSError):
+    """The NBD listen address cannot be used (in use, not a socket, not bindable)."""
+
+
+def _clear_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NbdAddressError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: a socket left behind by a server that is gone
+        return
+    except OSError as exc:
+        raise NbdAddressError(f"{path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise NbdAddressError(f"{path} is in use by another server")
+
+
 class NbdServer:
     """The registry-facing half: which exports exist and what each looks like."""
 
@@ -133,6 +180,35 @@ class NbdServer:
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
+
+    async def serve_unix(
+        self, path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        _clear_stale_socket(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise NbdAddressError(f"cannot listen on {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old)
+        ino = os.stat(path).st_ino
+        try:
+            sock.listen(128)
+            listener = trio.SocketListener(sock)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._handle, [listener])
+                log.info("NBD server listening on unix socket %s", path)
+                task_status.started(path)
+        finally:
+            sock.close()
+            try:
+                if os.stat(path).st_ino == ino:  # not a successor's socket
+                    os.unlink(path)
+            except OSError:
+                pass
 
     # -- exports ---------------------------------------------------------------------------
 
@@ -183,7 +259,7 @@ class NbdServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            peer = stream.socket.getpeername()
+            peer = stream.socket.getpeername() or "unix"
         except OSError:
             peer = "?"
         conn: _Transmission | None = None

@@ -23,14 +23,17 @@ def test_bench_suite_runs(tmp_path):
     png, js = tmp_path / "lat.png", tmp_path / "runs.json"
     out = subprocess.run([sys.executable, "scripts/bench", "--runs", "1", "--time", "0.5",
                           "--only", "raw-4k-qd1", "fuse-malloc-4k", "fuse-pyfuse3-1m", "nbd-4k",
+                          "nbd-4k-unix",
                           "--png", str(png), "--json", str(js)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| raw-4k-qd1 |" in out.stdout and "| nbd-4k |" in out.stdout
+    assert "| nbd-4k-unix |" in out.stdout
     # The target's connections use cubic whatever the system's default (BBR paces each send)
     assert "target on CPU 0 (TCP cubic)" in out.stdout
     doc = json.loads(js.read_text())
-    assert set(doc["medians"]) == {"raw-4k-qd1", "fuse-malloc-4k", "fuse-pyfuse3-1m", "nbd-4k"}
+    assert set(doc["medians"]) == {"raw-4k-qd1", "fuse-malloc-4k", "fuse-pyfuse3-1m", "nbd-4k",
+                                  "nbd-4k-unix"}
     # The pyfuse3 ceiling mount came up and served the 1 MiB job.
     assert doc["medians"]["fuse-pyfuse3-1m"]["mib_s"] > 0
     assert all(m["iops"] > 0 for m in doc["medians"].values())

@@ -1,5 +1,5 @@
 """NBD server end to end: real clients (nbdinfo, nbdcopy, qemu-img, qemu-io) and a raw socket
-client against MallocBdevs served in-process on 127.0.0.1, port 0."""
+client against MallocBdevs served in-process on 127.0.0.1, port 0, or on a unix socket."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import functools
 import json
 import os
 import shutil
+import socket
+import stat
 import struct
 
 import pytest
 import trio
 
 from bdev import BdevError, BdevRegistry, MallocBdev
-from blockfs.nbd import serve_nbd
+from blockfs.nbd import NbdAddressError, serve_nbd, serve_nbd_unix
 from kernel_target import in_ci
 
 pytestmark = pytest.mark.nbd
@@ -107,6 +109,13 @@ class RawClient:
         if greet:
             assert await c.recv(18) == b"NBDMAGICIHAVEOPT\x00\x03"
             await c.send(struct.pack(">I", flags))
+        return c
+
+    @classmethod
+    async def connect_unix(cls, path: str) -> RawClient:
+        c = cls(await trio.open_unix_socket(path))
+        assert await c.recv(18) == b"NBDMAGICIHAVEOPT\x00\x03"
+        await c.send(struct.pack(">I", 3))
         return c
 
     async def send(self, data: bytes) -> None:
@@ -758,3 +767,73 @@ async def test_requests_arriving_end_a_polling_stretch(port):
     finally:
         POLL_IDLE.since, POLL_IDLE.total = saved
         await c.aclose()
+
+
+# ----------------------------------------------------------------------------- unix socket
+
+
+def unix_uri(path: str, name: str = "") -> str:
+    return f"nbd+unix:///{name}?socket={path}"
+
+
+@timeboxed(60)
+async def test_unix_socket_serves_real_clients(nursery, registry, tmp_path):
+    # As `qemu-nbd -k PATH` / `nbdkit -U PATH`: the same exports on a unix stream socket.
+    need("nbdinfo", "nbdcopy", "qemu-img", "qemu-io")
+    path = str(tmp_path / "nbd.sock")
+    assert await nursery.start(serve_nbd_unix, registry, path) == path
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    listing = json.loads(await run("nbdinfo", "--list", "--json", unix_uri(path)))
+    assert [e["export-name"] for e in listing["exports"]] == ["malloc0", "malloc1"]
+    assert listing["exports"][0]["export-size"] == registry.get("malloc0").size
+    src, back = tmp_path / "in.img", tmp_path / "out.img"
+    data = os.urandom(16 * MiB)
+    src.write_bytes(data)
+    await run("nbdcopy", "--connections=4", str(src), unix_uri(path, "malloc0"))
+    assert await bdev_bytes(registry.get("malloc0")) == data
+    await run("nbdcopy", unix_uri(path, "malloc0"), str(back))
+    assert back.read_bytes() == data
+    await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src),
+              unix_uri(path, "malloc0"))
+    out = await run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 4000 5000",
+                    "-c", "read -P 0x5a 4000 5000", unix_uri(path, "malloc1"))
+    assert "Pattern verification failed" not in out and "error" not in out.lower(), out
+
+
+@timeboxed(30)
+async def test_unix_socket_is_removed_on_exit_and_stale_one_replaced(registry, tmp_path):
+    path = str(tmp_path / "nbd.sock")
+    # A socket left behind by a server that is gone (bound, never listened on, closed).
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_nbd_unix, registry, path)
+        c = await RawClient.connect_unix(path)
+        assert (await c.go("malloc0"))[0] == registry.get("malloc0").size
+        await c.request(CMD_READ, 7, 4096, 4096)
+        assert await c.simple_reply(4096) == (0, 7, await bdev_bytes(registry.get("malloc0"),
+                                                                     4096, 4096))
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+    assert not os.path.exists(path)
+
+
+@timeboxed(30)
+async def test_unix_socket_in_use_or_not_a_socket_is_refused(nursery, registry, tmp_path):
+    path = str(tmp_path / "nbd.sock")
+    await nursery.start(serve_nbd_unix, registry, path)
+    with pytest.raises(NbdAddressError, match="in use"):
+        await serve_nbd_unix(registry, path)
+    assert stat.S_ISSOCK(os.stat(path).st_mode)   # the live server's socket is left alone
+    c = await RawClient.connect_unix(path)
+    assert (await c.go("malloc1"))[0] == registry.get("malloc1").size
+    await c.aclose()
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"keep me")
+    with pytest.raises(NbdAddressError, match="not a socket"):
+        await serve_nbd_unix(registry, str(plain))
+    assert plain.read_bytes() == b"keep me"
+    with pytest.raises(NbdAddressError, match="cannot listen"):
+        await serve_nbd_unix(registry, str(tmp_path / "no" / "such" / "dir" / "s"))

@@ -1,7 +1,8 @@
 """NBD exports of kernel-target namespaces, with real NBD clients (issue 6, end to end).
 
-`blockfs mount ... --nbd ADDR:PORT` serves the same bdevs as files and as NBD exports from one
-process, so this also checks that both frontends see the same data.
+`blockfs mount ... --nbd ADDR:PORT` (or `--nbd unix:PATH`) serves the same bdevs as files and as
+NBD exports from one process, so this also checks that both frontends see the same data. Every
+test runs on a TCP port and on a unix socket.
 """
 
 from __future__ import annotations
@@ -27,22 +28,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def nbd_mount(kernel_target, tmp_path):
-    port = free_port()
+@pytest.fixture(params=["tcp", "unix"])
+def nbd_mount(request, kernel_target, tmp_path):
     mp, rd = tmp_path / "mnt", tmp_path / "run"
     mp.mkdir()
     rd.mkdir()
-    m = Mount(kernel_target, str(mp), str(rd), extra=("--nbd", f"127.0.0.1:{port}"))
-    m.uri = f"nbd://127.0.0.1:{port}"
+    if request.param == "unix":
+        sock = str(tmp_path / "nbd.sock")
+        listen = f"unix:{sock}"
+        m = Mount(kernel_target, str(mp), str(rd), extra=("--nbd", listen))
+        m.uri_of = lambda name="": f"nbd+unix:///{name}?socket={sock}"
+    else:
+        port = free_port()
+        listen = f"127.0.0.1:{port}"
+        m = Mount(kernel_target, str(mp), str(rd), extra=("--nbd", listen))
+        m.uri_of = lambda name="": f"nbd://127.0.0.1:{port}/{name}"
+    m.listen = listen
     yield m
     m.umount()
+    if request.param == "unix":
+        assert not os.path.exists(sock), "the daemon left its NBD socket behind"
 
 
 @need
 def test_nbdinfo_lists_every_bdev(nbd_mount, kernel_target):
     m = nbd_mount
-    info = json.loads(run("nbdinfo", "--list", "--json", m.uri).stdout)
+    info = json.loads(run("nbdinfo", "--list", "--json", m.uri_of()).stdout)
     exports = {e["export-name"]: e for e in info["exports"]}
     for n in kernel_target.namespaces:
         e = exports[f"nvme0n{n['nsid']}"]
@@ -50,12 +61,15 @@ def test_nbdinfo_lists_every_bdev(nbd_mount, kernel_target):
         assert e["block_size_minimum"] >= 1
         assert e["block_size_preferred"] >= n["block_size"]
         assert e["block_size_maximum"] >= 1 << 20
+    # `blockfs list` says where the exports are served
+    listing = json.loads(m.blockfs("list", "-o", "json", check=True).stdout)
+    assert [d["nbd"] for d in listing["devices"] if d["pid"] == m.pid][0] == m.listen
 
 
 @need
 def test_nbdcopy_in_and_out_and_qemu_img_compare(nbd_mount, tmp_path):
     m = nbd_mount
-    uri = f"{m.uri}/nvme0n2"
+    uri = m.uri_of("nvme0n2")
     size = os.stat(m.file("nvme0n2")).st_size
     img = tmp_path / "img"
     img.write_bytes(os.urandom(16 << 20) + bytes(size - (16 << 20)))
@@ -77,7 +91,7 @@ def test_nbdcopy_in_and_out_and_qemu_img_compare(nbd_mount, tmp_path):
 
 @need
 def test_qemu_io_aligned_unaligned_discard_zero(nbd_mount):
-    uri = f"{nbd_mount.uri}/nvme0n2"
+    uri = nbd_mount.uri_of("nvme0n2")
     cmds = ["write -P 0xab 0 64k", "read -P 0xab 0 64k",
             "write -P 0xcd 1000 3000", "read -P 0xcd 1000 3000", "read -P 0xab 0 1000",
             "read -P 0xab 4000 61536",

@@ -1,6 +1,8 @@
 """`blockfs` argument checking: a bad value is one line on stderr and exit status 2, found before
 anything connects (so nothing listens on the port given here) and never a traceback."""
 
+import os
+
 import pytest
 
 from blockfs.cli import main
@@ -42,11 +44,28 @@ TARGET = ["-a", "127.0.0.1", "-s", "1", "-n", "nqn.2026-01.io.blockfs:none"]
     ["id-ctrl", "-a", "127.0.0.1", "-s", "1", "-n", "\u00e9" * 112],   # 224 bytes of UTF-8
     ["id-ctrl", *TARGET, "-q", ""],
     ["nbd", "-f", *TARGET, "-q", "h" * 300],
+    # NBD listen addresses: ADDR:PORT or unix:PATH (sun_path holds 107 bytes and a NUL).
+    ["nbd", "-f", *TARGET, "--listen", "unix:"],
+    ["nbd", "-f", *TARGET, "--listen", "unix:/" + "s" * 107],
+    ["nbd", "-f", *TARGET, "--listen", "/run/nbd.sock"],
+    ["nbd", "-f", *TARGET, "--listen", "127.0.0.1:65536"],
+    ["mount", "-f", *TARGET, "/nonexistent", "--nbd", "localhost"],
 ])
 def test_bad_values_are_one_line_and_status_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_nbd_listen_addresses():
+    from blockfs.daemon import parse_listen
+    assert parse_listen("127.0.0.1:10809") == ("127.0.0.1", 10809)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_listen(":10809") == ("127.0.0.1", 10809)
+    assert parse_listen("unix:/run/blockfs/nbd.sock") == "/run/blockfs/nbd.sock"
+    assert parse_listen("unix:nbd.sock") == os.path.abspath("nbd.sock")
+    longest = "/" + "s" * 106
+    assert parse_listen("unix:" + longest) == longest
 
 
 def test_longest_nqn_is_accepted():
