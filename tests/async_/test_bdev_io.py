@@ -389,6 +389,29 @@ async def test_read_blocks_nowait_declines_splits_closed_removed_and_unsupported
                                                      lambda ok: None)
 
 
+async def test_read_blocks_nowait_declines_a_read_across_the_optimal_io_boundary():
+    b = CallbackBdev("cb0", 64, 512, optimal_io_boundary=8)
+    ch = b.get_io_channel()
+    assert not ch.read_blocks_nowait(6, 4, memoryview(bytearray(2048)), lambda ok: None)
+    assert b.nowait_calls == 0
+    assert ch.read_blocks_nowait(8, 8, memoryview(bytearray(4096)), lambda ok: None)
+    assert ch.read_blocks_nowait(15, 1, memoryview(bytearray(512)), lambda ok: None)
+    assert b.nowait_calls == 2
+
+
+async def test_read_blocks_nowait_reads_in_flight_keep_their_own_callback_and_size():
+    b = CallbackBdev("cb0", 64, 512)
+    ch = b.get_io_channel()
+    got = []
+    assert ch.read_blocks_nowait(0, 1, memoryview(bytearray(512)), lambda ok: got.append(("a", ok)))
+    assert ch.read_blocks_nowait(8, 4, memoryview(bytearray(2048)), lambda ok: got.append(("b", ok)))
+    b.pending.reverse()
+    b.complete_all()
+    assert got == [("b", True), ("a", True)]
+    st = b.statistics()
+    assert st["num_read_ops"] == 2 and st["bytes_read"] == 2560 and st["read_latency_ticks"] > 0
+
+
 async def test_malloc_read_nowait_copies_now_and_completes_a_pass_later():
     m = MallocBdev("m0", 64, 512)
     ch = m.get_io_channel()
