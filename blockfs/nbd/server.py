@@ -119,7 +119,7 @@ async def serve_nbd_unix(
     """Serve every bdev of *registry* over NBD on the unix stream socket *path* until cancelled.
 
     Clients connect with ``nbd+unix:///EXPORT?socket=PATH``.  The socket is made mode 0600 (the
-    exports are raw disks) and removed on exit.  A socket left behind by a server that is gone
+    exports are raw disks), its directory if missing, and it is removed on exit.  A socket left behind by a server that is gone
     is replaced; one a live server answers on is not.
 
     Raises:
@@ -136,16 +136,22 @@ class NbdAddressError(OSError):
 def _clear_stale_socket(path: str) -> None:
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there; bind() says why if it cannot make one either
     if not stat.S_ISSOCK(st.st_mode):
         raise NbdAddressError(f"{path} exists and is not a socket")
+    # Non-blocking: a live server whose backlog is full answers EAGAIN instead of hanging us.
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)  # nobody listens: a socket left behind by a server that is gone
         return
+    except FileNotFoundError:
+        return  # gone meanwhile
+    except BlockingIOError:
+        pass  # listening, backlog full: in use
     except OSError as exc:
         raise NbdAddressError(f"{path}: {exc.strerror}") from None
     finally:
@@ -186,14 +192,17 @@ class NbdServer:
     ) -> None:
         _clear_stale_socket(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
         try:
-            await sock.bind(path)
+            # Like the control socket: the directory is made if missing (/run/blockfs/...).
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            old = os.umask(0o177)
+            try:
+                await sock.bind(path)
+            finally:
+                os.umask(old)
         except OSError as exc:
             sock.close()
             raise NbdAddressError(f"cannot listen on {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old)
         ino = os.stat(path).st_ino
         try:
             sock.listen(128)

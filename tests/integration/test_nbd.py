@@ -836,4 +836,9 @@ async def test_unix_socket_in_use_or_not_a_socket_is_refused(nursery, registry, 
         await serve_nbd_unix(registry, str(plain))
     assert plain.read_bytes() == b"keep me"
     with pytest.raises(NbdAddressError, match="cannot listen"):
-        await serve_nbd_unix(registry, str(tmp_path / "no" / "such" / "dir" / "s"))
+        await serve_nbd_unix(registry, str(plain / "s"))      # under a file: not a directory
+    # A missing directory is made, as for the control socket.
+    deep = str(tmp_path / "run" / "blockfs" / "nbd.sock")
+    assert await nursery.start(serve_nbd_unix, registry, deep) == deep
+    c = await RawClient.connect_unix(deep)
+    await c.aclose()
