@@ -72,6 +72,8 @@ HANDSHAKE_TIMEOUT = 30.0
 MAX_INFLIGHT = 256
 #: READ/WRITE bytes received or to be sent, per connection, before the reader pauses.
 INFLIGHT_BYTES = 64 * 1024 * 1024
+#: Bytes of read buffers a connection keeps for reuse (enough for QD32 of 128 KiB reads).
+POOL_BYTES = 8 * 1024 * 1024
 #: Worker tasks per connection executing requests (bdev I/O) concurrently.
 MAX_WORKERS = 64
 #: recv batches a connection's reader takes before letting other tasks run.
@@ -119,8 +121,8 @@ async def serve_nbd_unix(
     """Serve every bdev of *registry* over NBD on the unix stream socket *path* until cancelled.
 
     Clients connect with ``nbd+unix:///EXPORT?socket=PATH``.  The socket is made mode 0600 (the
-    exports are raw disks), its directory if missing, and it is removed on exit.  A socket left behind by a server that is gone
-    is replaced; one a live server answers on is not.
+    exports are raw disks), its directory if missing, and it is removed on exit.  A socket left
+    behind by a server that is gone is replaced; one a live server answers on is not.
 
     Raises:
         NbdAddressError: *path* is a live server's socket, is not a socket, or cannot be bound.
@@ -394,7 +396,7 @@ class _Transmission:
         # (sendmsg copied them): no allocation, zero-fill or memoryview per read. A read
         # overwrites all of its buffer before the reply is queued (or fails and is not sent).
         self._pool: dict[int, list[memoryview]] = {}
-        self._pooled = 0
+        self._pooled = 0  # bytes in the pool
         self._out_recycle: list[memoryview] = []
         self._inflight = 0
         self._inflight_bytes = 0
@@ -540,7 +542,7 @@ class _Transmission:
         pool = self._pool.get(length)
         if pool:
             buf = pool.pop()
-            self._pooled -= 1
+            self._pooled -= length
         else:
             buf = memoryview(bytearray(length))
         header = read_chunk_header if self.structured else None
@@ -573,9 +575,10 @@ class _Transmission:
         return True
 
     def _recycle(self, buf: memoryview) -> None:
-        if self._pooled < MAX_INFLIGHT:
-            self._pool.setdefault(buf.nbytes, []).append(buf)
-            self._pooled += 1
+        n = buf.nbytes
+        if self._pooled + n <= POOL_BYTES:
+            self._pool.setdefault(n, []).append(buf)
+            self._pooled += n
 
     # -- requests --------------------------------------------------------------------------
 
@@ -669,7 +672,7 @@ class _Transmission:
                     self._scope.cancel()
                 return
             # Sent, so copied by the kernel: the read buffers can take the next reads.
-            if self._pooled < MAX_INFLIGHT:
+            if self._pooled < POOL_BYTES:
                 for buf in recycle:
                     self._recycle(buf)
             self._inflight -= replies

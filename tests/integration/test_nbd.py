@@ -896,3 +896,25 @@ async def test_unix_socket_in_use_or_not_a_socket_is_refused(nursery, registry, 
     assert await nursery.start(serve_nbd_unix, registry, deep) == deep
     c = await RawClient.connect_unix(deep)
     await c.aclose()
+
+
+async def test_read_buffer_pool_is_bounded_in_bytes():
+    # Reads may be up to 32 MiB each: the pool of a connection keeps at most POOL_BYTES.
+    from blockfs.nbd import server as nbd_server
+    reg = await make_registry()
+    bdev = reg.get("malloc0")
+    a, b = trio.socket.socketpair()
+    stream = trio.SocketStream(a)
+    t = nbd_server._Transmission(stream, bdev, nbd_server.NbdServer(reg).export_info(bdev))
+    try:
+        for _ in range(20):
+            t._recycle(memoryview(bytearray(1 << 20)))
+        for _ in range(100):
+            t._recycle(memoryview(bytearray(4096)))
+        held = sum(v.nbytes for bufs in t._pool.values() for v in bufs)
+        assert held == t._pooled <= nbd_server.POOL_BYTES
+        assert len(t._pool[1 << 20]) == nbd_server.POOL_BYTES >> 20
+    finally:
+        t.close()
+        await stream.aclose()
+        b.close()
