@@ -505,6 +505,14 @@ class _Transmission:
                     await trio.lowlevel.checkpoint()
                 continue
             cmd, flags, handle, offset, length, payload = req
+            if cmd == _CMD_READ and not flags and 0 < length <= max_block and (
+                    offset + length <= size):
+                # A plain read that validate_request would let through: the common request.
+                self._inflight += 1
+                self._inflight_bytes += length
+                if not self._read_nowait(handle, offset, length, length):
+                    self._add_work((cmd, 0, handle, offset, length, None, length))
+                continue
             if cmd == _CMD_DISC:
                 return  # soft disconnect: answer outstanding requests, then close
             cost = length if cmd == _CMD_READ or cmd == _CMD_WRITE else 0

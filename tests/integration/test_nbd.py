@@ -472,6 +472,14 @@ async def test_bad_requests_get_errors_and_connection_survives(port, structured)
         assert await c.chunk() == (1, 0, 13, b"")
     else:
         assert await c.simple_reply(5) == (0, 12, b"\0abc\0")
+    # The last block, ending exactly at the export's end, is a valid read.
+    await c.request(CMD_READ, 14, size - 512, 512)
+    if structured:
+        flags, rtype, h, payload = await c.chunk()
+        assert (flags, rtype, h) == (1, 1, 14) and len(payload) == 8 + 512
+    else:
+        err, h, data = await c.simple_reply(512)
+        assert (err, h, len(data)) == (0, 14, 512)
     # Garbage instead of a request: a clean close, and the server carries on.
     await c.send(b"\xde\xad\xbe\xef" * 7)
     assert await c.closed_by_server()
