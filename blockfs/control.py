@@ -33,19 +33,30 @@ class ControlError(Exception):
     """An error reply from the daemon, or no daemon at the socket."""
 
 
+async def bind_private_unix(path: str) -> trio.socket.SocketType:
+    """A unix stream socket bound at *path*, mode 0600, its directory made if missing (the
+    control socket, the NBD server's unix socket). Raises OSError (the socket is closed)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve_control(path: str, methods: dict[str, Callable[[dict], Awaitable[object]]], *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old)
+    sock = await bind_private_unix(path)
     os.chmod(path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)

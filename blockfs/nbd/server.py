@@ -38,6 +38,7 @@ from bdev._base import BdevError, IoType
 from initiator._util import drop_sent
 from initiator.transport import POLL_IDLE
 
+from ..control import bind_private_unix
 from ._protocol import (
     MAX_BLOCK,
     NEED_DATA,
@@ -193,17 +194,9 @@ class NbdServer:
         self, path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
         _clear_stale_socket(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # Like the control socket: the directory is made if missing (/run/blockfs/...).
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            old = os.umask(0o177)
-            try:
-                await sock.bind(path)
-            finally:
-                os.umask(old)
+            sock = await bind_private_unix(path)   # as the control socket: 0600, dir made
         except OSError as exc:
-            sock.close()
             raise NbdAddressError(f"cannot listen on {path}: {exc.strerror}") from None
         ino = os.stat(path).st_ino
         try:
@@ -561,14 +554,15 @@ class _Transmission:
                  header: Any = header) -> None:
             self._nowait -= 1
             if ok:
+                # `_queue([hdr, buf], cost)` inlined (the hot path), plus the buffer to recycle.
+                hdr = simple_reply(handle) if header is None else header(handle, offset, length)
                 out = self._out
-                out.append(simple_reply(handle) if header is None
-                           else header(handle, offset, length))
+                out.append(hdr)
                 out.append(buf)
                 self._out_recycle.append(buf)
                 self._out_replies += 1
                 self._out_cost += cost
-                self._out_bytes += length + (16 if header is None else 28)
+                self._out_bytes += len(hdr) + length
                 if self._writer_lot:
                     self._writer_lot.unpark()
             else:
