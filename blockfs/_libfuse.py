@@ -4,8 +4,8 @@ pyfuse3 (3.5) keeps its libfuse session in module statics and gives Python no ha
 request, so four things a block-device mount needs are done here, next to it:
 
 - `ConnLimits`: the FUSE_INIT answer asks for 128 background requests instead of the
-  kernel's default 12 (asynchronous direct I/O is background I/O to FUSE), and where pipes are
-  small, for read requests no larger than half a pipe (see FastReads).
+  kernel's default 12 (asynchronous direct I/O is background I/O to FUSE), and for read
+  requests no larger than half a pipe and 512 KiB (`blockfs.fuse.read_request_limit`).
 - `FallocateHook`: a fallocate handler (pyfuse3 has none, so the kernel would answer
   EOPNOTSUPP): a ctypes callback in the session's `fallocate` slot starts a task that answers
   with `fuse_reply_err`.
