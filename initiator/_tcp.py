@@ -88,6 +88,13 @@ _W_RESP = _RESP | 24 << 16
 class HostQueue:
     """One host queue's protocol state. `depth` is the number of command slots (CIDs)."""
 
+    __slots__ = (
+        "_active", "_cmd72", "_cmdbuf", "_cmdmv", "_derr", "_events", "_rbuf", "_rxoff",
+        "_stream_cid", "_stream_sink", "_txoff", "_wdata", "cpda", "cut", "ddgst", "depth",
+        "free_cids", "hdgst", "in_capsule_max", "last_streamed", "maxh2cdata", "maxr2t",
+        "outstanding", "qid", "rx", "streamed", "want_ddgst", "want_hdgst"
+    )
+
     def __init__(self, qid: int, depth: int, *, hdgst: bool = False, ddgst: bool = False,
                  in_capsule_max: int = 8192, maxr2t: int = 0):
         if not 1 <= depth <= 65535:

@@ -141,6 +141,13 @@ class AsyncEvent:
 class Controller:
     """A connected controller. Build with `open_controller()`."""
 
+    __slots__ = (
+        "_closing", "_lost", "_lost_reason", "_nursery", "admin", "aec", "cap", "cntlid", "ctrl",
+        "host", "init_trace", "io_queues", "kato_ms", "keep_alives_sent", "keep_alives_skipped",
+        "last_error", "lost", "namespaces", "ns_descs", "on_async_event", "opts", "port", "subnqn",
+        "timeouts", "vs"
+    )
+
     def __init__(self, host: str, port: int, subnqn: str, opts: ControllerOptions):
         self.host = host
         self.port = port

@@ -160,6 +160,13 @@ def _ns_info(nsid: int, ident, descs: dict | None) -> NamespaceInfo:
 
 
 class Session:
+    __slots__ = (
+        "_done", "_ever_live", "_io_fail", "_live", "_nursery", "_open", "_rescan_wanted", "_stop",
+        "_unusable", "_went_live", "ctrl", "error_log", "events_seen", "health", "host",
+        "io_max_bytes", "last_error", "name", "namespaces", "on_async_event", "on_namespace",
+        "on_state", "opts", "policy", "port", "reconnects", "rescan_interval", "state", "subnqn"
+    )
+
     def __init__(self, host: str, port: int, subnqn: str, opts: ControllerOptions | None = None,
                  policy: ReconnectPolicy | None = None, *, name: str = "nvme0",
                  rescan_interval: float = 60.0):
