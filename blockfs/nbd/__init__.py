@@ -1,7 +1,7 @@
 """NBD export of bdevs: a sans-IO protocol core (`_protocol`) and its trio shell (`server`).
 
 Entry points: ``port = await nursery.start(serve_nbd, registry, "127.0.0.1", 0)`` (TCP) and
-``await nursery.start(serve_nbd_unix, registry, "/run/blockfs.nbd")`` (a unix socket).
+``await nursery.start(serve_nbd_unix, registry, "/run/blockfs/nbd.sock")`` (a unix socket).
 
 The shell (and with it trio and `bdev`) is imported on first use of `serve_nbd`/`NbdServer`,
 so the protocol core can be used and tested on its own.
