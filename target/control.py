@@ -287,11 +287,13 @@ async def serve_control(server, path: str, *, task_status=trio.TASK_STATUS_IGNOR
                 stream = await listener.accept()
                 n.start_soon(_serve_client, server, stream)
     finally:
-        await listener.aclose()
+        # Unlink first: when this runs because the scope was cancelled (SIGTERM, SIGINT),
+        # aclose()'s checkpoint raises Cancelled, and nothing after it runs.
         try:
             os.unlink(path)
         except OSError:
             pass
+        await listener.aclose()
 
 
 # ---------------------------------------------------------------------------------------------

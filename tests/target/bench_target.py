@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -248,6 +249,7 @@ def main(argv=None) -> int:
     finally:
         proc.terminate()
         proc.wait(5)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

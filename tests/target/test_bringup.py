@@ -1,6 +1,7 @@
 """ICReq/ICResp, Connect, property bring-up, Identify, features, discovery."""
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -294,3 +295,28 @@ async def test_cli_start_up_errors_are_one_line(extra):
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert ("Address already in use" in r.stderr and str(port) in r.stderr) if not extra \
         else "'no-such-cc' is not available" in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_cli_removes_its_control_socket_on_signal(tmp_path, sig):
+    """The control socket was left behind on SIGTERM: the cancelled `aclose()` raised before
+    the unlink that followed it."""
+    await trio.to_thread.run_sync(_start_and_signal, tmp_path / "ctl.sock", sig)
+
+
+def _start_and_signal(ctl, sig) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "target", "--listen", "127.0.0.1:0",
+                          "--ns", "null:1M", "--control", str(ctl)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for line in p.stdout:
+            if line.startswith("control "):
+                break
+        assert ctl.is_socket()
+        p.send_signal(sig)
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert not ctl.exists()
