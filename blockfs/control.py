@@ -23,6 +23,7 @@ import trio
 
 from bdev import BdevError
 from initiator._errors import NvmeError
+from initiator._util import clear_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,7 @@ async def bind_private_unix(path: str) -> trio.socket.SocketType:
 
 async def serve_control(path: str, methods: dict[str, Callable[[dict], Awaitable[object]]], *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    clear_stale_socket(path)     # a stale socket goes; another daemon's live one stays
     sock = await bind_private_unix(path)
     os.chmod(path, 0o600)
     sock.listen(16)

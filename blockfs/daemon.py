@@ -26,6 +26,7 @@ import trio
 from bdev.examine import PartitionExamine
 from bdev.nvme import NvmeController
 from bdev.registry import BdevRegistry
+from initiator._util import SocketPathError, clear_stale_socket
 from initiator.session import Session
 from initiator.transport import POLL_IDLE
 
@@ -182,6 +183,11 @@ class Daemon:
         if getattr(a, "mountpoint", None):
             self.mountpoint = check_mountpoint(a.mountpoint)
         self.control_path = a.control or os.path.join(RUN_DIR, f"{os.getpid()}.sock")
+        try:
+            # Before connecting or mounting anything: another daemon's live socket is not taken.
+            clear_stale_socket(self.control_path)
+        except SocketPathError as e:
+            raise StartupError(f"control socket {e}") from None
         try:
             async with trio.open_nursery() as nursery:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

@@ -1,13 +1,16 @@
 """Small shared helpers for the trio shells (the initiator's, the target's, the frontends'):
 turning nursery ExceptionGroups back into the single typed error the caller expects (trio >= 0.25
 always groups nursery errors), the rest of a buffer list after a partial send, a TCP socket's
-congestion control, and the polling idle meter."""
+congestion control, the polling idle meter, and freeing a unix socket path that a server which
+is gone left behind (control sockets, the NBD unix socket)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
+import stat
 from time import perf_counter
 
 import trio
@@ -91,6 +94,42 @@ def set_tcp_congestion(sock: socket.socket, name: str) -> None:
         offered = _ipv4_sysctl(f"tcp_{which}_congestion_control").split()
         raise ValueError(f"TCP congestion control {name!r} is not {which} here"
                          + (f" ({', '.join(offered)})" if offered else "")) from None
+
+
+class SocketPathError(OSError):
+    """A unix socket path a server cannot take: something that is not a socket is there, or a
+    live server listens on it."""
+
+
+def clear_stale_socket(path: str) -> None:
+    """Make *path* free for a unix socket's bind(): remove a socket that nobody listens on any
+    more (its server is gone: connect() is refused), and nothing else. Raises SocketPathError
+    when a file that is not a socket is there, or when a server answers on it: the path is in
+    use, as SPDK refuses an RPC socket path that another process holds. Not atomic: two servers
+    starting on the same path at the same instant can still race (bind() fails for one)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there; bind() says why if it cannot make one either
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(f"{path} exists and is not a socket")
+    # Non-blocking: a live server whose backlog is full answers EAGAIN instead of hanging us.
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: left behind by a server that is gone
+        return
+    except FileNotFoundError:
+        return  # gone meanwhile
+    except BlockingIOError:
+        pass  # listening, backlog full: in use
+    except OSError as exc:
+        raise SocketPathError(f"{path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise SocketPathError(f"{path} is in use by another process")
 
 
 class IdleMeter:

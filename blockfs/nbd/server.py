@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import stat
 from collections import deque
 from typing import Any
 
@@ -35,7 +34,7 @@ import trio
 from trio.lowlevel import wait_readable, wait_writable
 
 from bdev._base import BdevError, IoType
-from initiator._util import drop_sent
+from initiator._util import SocketPathError, clear_stale_socket, drop_sent
 from initiator.transport import POLL_IDLE
 
 from ..control import bind_private_unix
@@ -136,32 +135,6 @@ class NbdAddressError(OSError):
     """The NBD listen address cannot be used (in use, not a socket, not bindable)."""
 
 
-def _clear_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return  # nothing there; bind() says why if it cannot make one either
-    if not stat.S_ISSOCK(st.st_mode):
-        raise NbdAddressError(f"{path} exists and is not a socket")
-    # Non-blocking: a live server whose backlog is full answers EAGAIN instead of hanging us.
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: a socket left behind by a server that is gone
-        return
-    except FileNotFoundError:
-        return  # gone meanwhile
-    except BlockingIOError:
-        pass  # listening, backlog full: in use
-    except OSError as exc:
-        raise NbdAddressError(f"{path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise NbdAddressError(f"{path} is in use by another server")
-
-
 class NbdServer:
     """The registry-facing half: which exports exist and what each looks like."""
 
@@ -193,7 +166,10 @@ class NbdServer:
     async def serve_unix(
         self, path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        _clear_stale_socket(path)
+        try:
+            clear_stale_socket(path)
+        except SocketPathError as exc:
+            raise NbdAddressError(str(exc)) from None
         try:
             sock = await bind_private_unix(path)   # as the control socket: 0600, dir made
         except OSError as exc:

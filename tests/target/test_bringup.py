@@ -320,3 +320,20 @@ def _start_and_signal(ctl, sig) -> None:
             p.kill()
             p.wait()
     assert not ctl.exists()
+
+
+async def test_cli_refuses_a_control_socket_in_use(tmp_path):
+    """A second target on the same --control path unlinked the first one's live socket."""
+    ctl = tmp_path / "ctl.sock"
+    first = socket.socket(socket.AF_UNIX)
+    first.bind(str(ctl))
+    first.listen(1)
+    try:
+        r = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "target", "--listen", "127.0.0.1:0", "--ns", "null:1M",
+             "--control", str(ctl)], capture_output=True, text=True, timeout=30, cwd=REPO))
+        assert r.returncode == 1
+        assert r.stderr == f"blockfs target: control socket {ctl} is in use by another process\n"
+        assert ctl.is_socket()
+    finally:
+        first.close()

@@ -125,3 +125,28 @@ def test_ctl_against_something_that_is_not_a_daemon(answer, tmp_path, capsys):
         srv.close()
     err = capsys.readouterr().err
     assert err.startswith("blockfs ctl: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("what", ["live-socket", "plain-file"])
+def test_a_control_path_in_use_is_refused_before_connecting(what, tmp_path, capsys):
+    """`--control` took any path: it unlinked another daemon's live control socket (that
+    daemon could no longer be reached) or a file that was not a socket at all."""
+    import socket
+    path = tmp_path / "ctl.sock"
+    other = None
+    if what == "live-socket":
+        other = socket.socket(socket.AF_UNIX)
+        other.bind(str(path))
+        other.listen(1)
+    else:
+        path.write_text("not a socket")
+    try:
+        assert main(["nbd", "-f", *TARGET, "--control", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"control socket {path}" in err
+        assert ("in use by another process" if other else "exists and is not a socket") in err
+        assert path.is_socket() if other else path.read_text() == "not a socket"
+    finally:
+        if other is not None:
+            other.close()

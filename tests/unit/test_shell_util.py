@@ -1,13 +1,14 @@
 """Shared shell helpers: IdleMeter (the polling idle time blockfs bench and the target subtract
-from CPU time), drop_sent (the rest of a buffer list after a partial send) and
-set_tcp_congestion (the initiator's and the target's --tcp-congestion)."""
+from CPU time), drop_sent (the rest of a buffer list after a partial send),
+set_tcp_congestion (the initiator's and the target's --tcp-congestion) and clear_stale_socket
+(control sockets and the NBD unix socket: a dead server's socket goes, a live one stays)."""
 
 import socket
 
 import pytest
 
 from helpers.tcp import congestion_of
-from initiator._util import IdleMeter, set_tcp_congestion
+from initiator._util import IdleMeter, SocketPathError, clear_stale_socket, set_tcp_congestion
 from initiator.controller import ControllerOptions
 
 
@@ -51,3 +52,29 @@ def test_controller_options_check_the_congestion_control_up_front():
     assert ControllerOptions().tcp_congestion is None
     with pytest.raises(ValueError, match="no-such-cc"):
         ControllerOptions(tcp_congestion="no-such-cc")
+
+
+def test_clear_stale_socket_removes_only_a_dead_servers_socket(tmp_path):
+    path = str(tmp_path / "s.sock")
+    clear_stale_socket(path)                      # nothing there: nothing to do
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()                                  # bound, nobody listens: left behind
+    clear_stale_socket(path)
+    assert not (tmp_path / "s.sock").exists()
+
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(path)
+    live.listen(1)
+    try:
+        with pytest.raises(SocketPathError, match="in use by another process"):
+            clear_stale_socket(path)
+        assert (tmp_path / "s.sock").is_socket()  # another server's socket stays
+    finally:
+        live.close()
+
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    with pytest.raises(SocketPathError, match="exists and is not a socket"):
+        clear_stale_socket(str(plain))
+    assert plain.read_text() == "keep me"
