@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 RUN_DIR = os.environ.get("BLOCKFS_RUN_DIR", "/run/blockfs")
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A stop signal after the daemon's shutdown has begun: nothing to do."""
+
+
 class StartupError(Exception):
     """Start-up failed before anything was served; the message is for the user."""
 
@@ -188,24 +195,38 @@ class Daemon:
             clear_stale_socket(self.control_path)
         except SocketPathError as e:
             raise StartupError(f"control socket {e}") from None
+        # A stop signal that came once the shutdown had begun (fusermount3 -u, then SIGTERM, as
+        # scripts and service managers do) met the default action and killed the process
+        # before it removed its runfile and control socket. So the receiver stays open until
+        # the shutdown is over (it is bounded by its own timeouts), and from here until both
+        # are gone the signals trio's receiver re-delivers when it closes, or that come after,
+        # reach a handler that does nothing (a handler, not SIG_IGN: exec resets it).
+        before = {s: signal.signal(s, _ignore_signal) for s in _STOP_SIGNALS}
         try:
-            async with trio.open_nursery() as nursery:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                    await self._start(nursery)
-                    self._write_runfile()
-                    ready(None)
-                    async with trio.open_nursery() as waiters:
-                        async def on_signal():
-                            async for s in sigs:
-                                log.info("signal %d: shutting down", s)
-                                self._stop.set()
-                                return
-                        waiters.start_soon(on_signal)
-                        await self._stop.wait()
-                        waiters.cancel_scope.cancel()
-                await self._shutdown(nursery)
+            await self._serve(ready)
         finally:
             self._remove_runfile()
+            for s, handler in before.items():
+                signal.signal(s, handler)
+
+    async def _serve(self, ready: Callable[[str | None], None]) -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(*_STOP_SIGNALS) as sigs:
+                await self._start(nursery)
+                self._write_runfile()
+                ready(None)
+                async with trio.open_nursery() as waiters:
+                    async def on_signal():
+                        async for s in sigs:
+                            if self._stop.is_set():
+                                log.info("signal %d: already shutting down", s)
+                            else:
+                                log.info("signal %d: shutting down", s)
+                                self._stop.set()
+                    waiters.start_soon(on_signal)
+                    await self._stop.wait()
+                    await self._shutdown(nursery)
+                    waiters.cancel_scope.cancel()
 
     async def _start(self, nursery: trio.Nursery) -> None:
         a = self.args

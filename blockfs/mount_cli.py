@@ -70,7 +70,9 @@ def add_parsers(sub, common) -> None:
                             "partition-added/removed, disconnect, reconnect)")
         p.add_argument("--hotplug-timeout", type=o._seconds(), default=30.0,
                        help="seconds a hotplug script may run before it is killed (default 30)")
-        p.add_argument("--log-file", metavar="PATH", help="daemon log (default /run/blockfs/PID.log)")
+        p.add_argument("--log-file", metavar="PATH",
+                       help=f"daemon log (default /run/blockfs/{name}-PID.log, PID of this command; "
+                            "-f logs to stderr)")
         p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
         common(p)
         p.set_defaults(func=cmd_serve)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 
 import pytest
 
@@ -150,6 +151,29 @@ def test_a_mount_whose_daemon_died_is_named_as_such_and_cleaned_up(mount):
     assert "nvme0n1" in os.listdir(m.path)
     r = m.blockfs("umount", m.path)
     assert r.returncode == 0 and mounted_fstype(m.path) is None, r.stderr
+
+
+def test_signals_during_the_shutdown_still_leave_nothing_behind(mount):
+    """`fusermount3 -u` then SIGTERM (what scripts/bench and service managers do): a signal
+    that came once the shutdown had begun met the default action, which killed the daemon
+    before it removed its runfile and control socket."""
+    m = mount()
+    runfile = os.path.join(m.rundir, f"{m.pid}.json")
+    assert os.path.exists(runfile) and os.path.exists(m.control)
+    run("fusermount3", "-u", m.path)
+    # Keep signalling until it is gone (init reaps it: it is daemonized), so that some
+    # signals land while it shuts down.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(m.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
+    else:
+        raise AssertionError("the daemon did not exit")
+    assert not os.path.exists(runfile), "runfile left behind"
+    assert not os.path.exists(m.control), "control socket left behind"
 
 
 def _raw_control(path: str, lines: list[bytes]) -> list[dict]:
