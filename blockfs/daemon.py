@@ -26,7 +26,7 @@ import trio
 from bdev.examine import PartitionExamine
 from bdev.nvme import NvmeController
 from bdev.registry import BdevRegistry
-from initiator._util import SocketPathError, clear_stale_socket
+from initiator._util import SocketPathError, clear_stale_socket, signals_ignored
 from initiator.session import Session
 from initiator.transport import POLL_IDLE
 
@@ -39,10 +39,6 @@ RUN_DIR = os.environ.get("BLOCKFS_RUN_DIR", "/run/blockfs")
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    """A stop signal after the daemon's shutdown has begun: nothing to do."""
 
 
 class StartupError(Exception):
@@ -198,16 +194,13 @@ class Daemon:
         # A stop signal that came once the shutdown had begun (fusermount3 -u, then SIGTERM, as
         # scripts and service managers do) met the default action and killed the process
         # before it removed its runfile and control socket. So the receiver stays open until
-        # the shutdown is over (it is bounded by its own timeouts), and from here until both
-        # are gone the signals trio's receiver re-delivers when it closes, or that come after,
-        # reach a handler that does nothing (a handler, not SIG_IGN: exec resets it).
-        before = {s: signal.signal(s, _ignore_signal) for s in _STOP_SIGNALS}
-        try:
-            await self._serve(ready)
-        finally:
-            self._remove_runfile()
-            for s, handler in before.items():
-                signal.signal(s, handler)
+        # the shutdown is over (it is bounded by its own timeouts), and until both are gone
+        # the signals it re-delivers when it closes, or that come after, do nothing.
+        with signals_ignored(*_STOP_SIGNALS):
+            try:
+                await self._serve(ready)
+            finally:
+                self._remove_runfile()
 
     async def _serve(self, ready: Callable[[str | None], None]) -> None:
         async with trio.open_nursery() as nursery:

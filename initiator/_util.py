@@ -1,14 +1,15 @@
 """Small shared helpers for the trio shells (the initiator's, the target's, the frontends'):
 turning nursery ExceptionGroups back into the single typed error the caller expects (trio >= 0.25
 always groups nursery errors), the rest of a buffer list after a partial send, a TCP socket's
-congestion control, the polling idle meter, and freeing a unix socket path that a server which
-is gone left behind (control sockets, the NBD unix socket)."""
+congestion control, the polling idle meter, stop signals held off while a server cleans up, and freeing a unix
+socket path that a server which is gone left behind (control sockets, the NBD unix socket)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import signal
 import socket
 import stat
 from time import perf_counter
@@ -94,6 +95,25 @@ def set_tcp_congestion(sock: socket.socket, name: str) -> None:
         offered = _ipv4_sysctl(f"tcp_{which}_congestion_control").split()
         raise ValueError(f"TCP congestion control {name!r} is not {which} here"
                          + (f" ({', '.join(offered)})" if offered else "")) from None
+
+
+def _do_nothing(signum: int, frame: object) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def signals_ignored(*signals: int):
+    """While inside, *signals* reach a handler that does nothing (a handler, not SIG_IGN, which
+    exec would pass on to child processes); then the handlers from before come back. Around a
+    trio.open_signal_receiver: the signals it re-delivers when it closes, and those that come
+    while a server finishes its cleanup, then no longer kill the process half-way. Main thread
+    only (a Python limitation)."""
+    before = {s: signal.signal(s, _do_nothing) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 class SocketPathError(OSError):

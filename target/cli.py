@@ -16,7 +16,7 @@ import sys
 
 import trio
 
-from initiator._util import single_errors
+from initiator._util import signals_ignored, single_errors
 
 from .config import DEFAULT_NQN, SubsystemConfig, TargetConfig
 from .server import serve_target
@@ -73,17 +73,21 @@ def config_from_args(a) -> TargetConfig:
 
 
 async def _run(config: TargetConfig) -> None:
-    async with trio.open_nursery() as n:
-        server = await n.start(serve_target, config)
-        for host, port in server.addresses:
-            print(f"listening on {host}:{port}", flush=True)
-        for sub in server.state.subsystems.values():
-            nss = ", ".join(f"{ns.nsid}={ns.backend.describe()}/{ns.block_size}"
-                            for ns in sub.namespaces.values())
-            print(f"subsystem {sub.nqn}: namespaces {nss or 'none'}", flush=True)
-        if server.control_path:
-            print(f"control {server.control_path}", flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+    # The receiver outlives the server's cleanup (its control socket is unlinked as the
+    # nursery ends), and what it re-delivers on closing does nothing: a second SIGTERM no
+    # longer kills the target half-way through.
+    stop = (signal.SIGINT, signal.SIGTERM)
+    with signals_ignored(*stop), trio.open_signal_receiver(*stop) as sigs:
+        async with trio.open_nursery() as n:
+            server = await n.start(serve_target, config)
+            for host, port in server.addresses:
+                print(f"listening on {host}:{port}", flush=True)
+            for sub in server.state.subsystems.values():
+                nss = ", ".join(f"{ns.nsid}={ns.backend.describe()}/{ns.block_size}"
+                                for ns in sub.namespaces.values())
+                print(f"subsystem {sub.nqn}: namespaces {nss or 'none'}", flush=True)
+            if server.control_path:
+                print(f"control {server.control_path}", flush=True)
             async for _ in sigs:
                 n.cancel_scope.cancel()
                 break
