@@ -1,8 +1,9 @@
 """Small shared helpers for the trio shells (the initiator's, the target's, the frontends'):
 turning nursery ExceptionGroups back into the single typed error the caller expects (trio >= 0.25
 always groups nursery errors), the rest of a buffer list after a partial send, a TCP socket's
-congestion control, the polling idle meter, stop signals held off while a server cleans up, and freeing a unix
-socket path that a server which is gone left behind (control sockets, the NBD unix socket)."""
+congestion control, the polling idle meter, stop signals held off while a server cleans up,
+and freeing a unix socket path that a server which is gone left behind (control sockets, the
+NBD unix socket)."""
 
 from __future__ import annotations
 
