@@ -53,7 +53,8 @@ async def bind_private_unix(path: str) -> trio.socket.SocketType:
 
 async def serve_control(path: str, methods: dict[str, Callable[[dict], Awaitable[object]]], *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
-    clear_stale_socket(path)     # a stale socket goes; another daemon's live one stays
+    # A stale socket goes; another daemon's live one stays (SocketPathError).
+    clear_stale_socket(path, "control socket")
     sock = await bind_private_unix(path)
     os.chmod(path, 0o600)
     sock.listen(16)

@@ -26,7 +26,7 @@ import trio
 from bdev.examine import PartitionExamine
 from bdev.nvme import NvmeController
 from bdev.registry import BdevRegistry
-from initiator._util import SocketPathError, clear_stale_socket, signals_ignored
+from initiator._util import clear_stale_socket, signals_ignored
 from initiator.session import Session
 from initiator.transport import POLL_IDLE
 
@@ -186,11 +186,10 @@ class Daemon:
         if getattr(a, "mountpoint", None):
             self.mountpoint = check_mountpoint(a.mountpoint)
         self.control_path = a.control or os.path.join(RUN_DIR, f"{os.getpid()}.sock")
-        try:
-            # Before connecting or mounting anything: another daemon's live socket is not taken.
-            clear_stale_socket(self.control_path)
-        except SocketPathError as e:
-            raise StartupError(f"control socket {e}") from None
+        # Before connecting or mounting anything: another daemon's live socket is not taken
+        # (SocketPathError, an OSError: one line from run_foreground). serve_control checks
+        # again when it binds, later.
+        clear_stale_socket(self.control_path, "control socket")
         # A stop signal that came once the shutdown had begun (fusermount3 -u, then SIGTERM, as
         # scripts and service managers do) met the default action and killed the process
         # before it removed its runfile and control socket. So the receiver stays open until

@@ -122,18 +122,20 @@ class SocketPathError(OSError):
     live server listens on it."""
 
 
-def clear_stale_socket(path: str) -> None:
+def clear_stale_socket(path: str, what: str = "") -> None:
     """Make *path* free for a unix socket's bind(): remove a socket that nobody listens on any
     more (its server is gone: connect() is refused), and nothing else. Raises SocketPathError
     when a file that is not a socket is there, or when a server answers on it: the path is in
-    use, as SPDK refuses an RPC socket path that another process holds. Not atomic: two servers
-    starting on the same path at the same instant can still race (bind() fails for one)."""
+    use, as SPDK refuses an RPC socket path that another process holds. *what* ("control
+    socket") starts the error's message. Not atomic: two servers starting on the same path at
+    the same instant can still race (bind() fails for one)."""
+    name = f"{what} {path}" if what else path
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return  # nothing there; bind() says why if it cannot make one either
     if not stat.S_ISSOCK(st.st_mode):
-        raise SocketPathError(f"{path} exists and is not a socket")
+        raise SocketPathError(f"{name} exists and is not a socket")
     # Non-blocking: a live server whose backlog is full answers EAGAIN instead of hanging us.
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
@@ -147,10 +149,10 @@ def clear_stale_socket(path: str) -> None:
     except BlockingIOError:
         pass  # listening, backlog full: in use
     except OSError as exc:
-        raise SocketPathError(f"{path}: {exc.strerror}") from None
+        raise SocketPathError(f"{name}: {exc.strerror}") from None
     finally:
         probe.close()
-    raise SocketPathError(f"{path} is in use by another process")
+    raise SocketPathError(f"{name} is in use by another process")
 
 
 class IdleMeter:

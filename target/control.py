@@ -42,7 +42,7 @@ import socket
 import trio
 
 from initiator._pdu import make_status
-from initiator._util import SocketPathError, clear_stale_socket
+from initiator._util import clear_stale_socket
 
 from ._subsystem import TargetError
 from .config import SubsystemConfig
@@ -275,10 +275,8 @@ async def _serve_client(server, stream: trio.SocketStream) -> None:
 
 
 async def serve_control(server, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    try:
-        clear_stale_socket(path)     # a stale socket goes; another target's live one stays
-    except SocketPathError as e:
-        raise SocketPathError(f"control socket {e}") from None
+    # A stale socket goes; another target's live one stays (SocketPathError).
+    clear_stale_socket(path, "control socket")
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
     sock.listen(16)

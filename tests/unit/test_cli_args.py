@@ -2,6 +2,7 @@
 anything connects (so nothing listens on the port given here) and never a traceback."""
 
 import os
+import socket
 
 import pytest
 
@@ -131,7 +132,6 @@ def test_ctl_against_something_that_is_not_a_daemon(answer, tmp_path, capsys):
 def test_a_control_path_in_use_is_refused_before_connecting(what, tmp_path, capsys):
     """`--control` took any path: it unlinked another daemon's live control socket (that
     daemon could no longer be reached) or a file that was not a socket at all."""
-    import socket
     path = tmp_path / "ctl.sock"
     other = None
     if what == "live-socket":
