@@ -38,7 +38,11 @@ import trio
 # transport fills it, and part of this layer's contract (read_blocks_nowait, `fd_reads`).
 from initiator._sink import FdSink
 
-__all__ = ["Bdev", "BdevDesc", "BdevError", "BdevEvent", "IoChannel", "IoType"]
+# The batches of completion callbacks that `read_blocks_nowait`'s on_done may run in, and the
+# work a consumer defers to a batch's end: the initiator's (its queues' readers run them).
+from initiator._batch import CALLBACKS
+
+__all__ = ["CALLBACKS", "Bdev", "BdevDesc", "BdevError", "BdevEvent", "IoChannel", "IoType"]
 
 log = logging.getLogger(__name__)
 

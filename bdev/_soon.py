@@ -4,7 +4,8 @@ What it does: bdevs that finish a command at once (the RAM bdev) still have to k
 `read_blocks_nowait` promise that `on_done` runs later and from another task, never inside the
 call that started the I/O. One system task per trio run takes the queued calls in batches; it
 parks when there is nothing to do (`wait_task_rescheduled`), so a call costs a list append and,
-for the first of a batch, one `reschedule`.
+for the first of a batch, one `reschedule`. Each batch is one batch of completion callbacks
+(`initiator._batch.CALLBACKS`): what its calls defer runs after the last of them.
 
 What it does not do: threads (call it from the trio thread only), ordering between different
 runs, or error handling: `fn` must not raise (a bdev completion callback never does); if one
@@ -19,6 +20,8 @@ from typing import Any
 
 import trio
 from trio.lowlevel import Abort, RunVar, current_task, reschedule, spawn_system_task, wait_task_rescheduled
+
+from initiator._batch import CALLBACKS
 
 __all__ = ["call_soon"]
 
@@ -41,11 +44,15 @@ class _Soon:
                 await wait_task_rescheduled(self._abort)
                 continue
             calls, self.calls = self.calls, []
-            for fn, arg in calls:
-                try:
-                    fn(arg)
-                except Exception:   # a consumer's bug must not kill the run's system task
-                    log.exception("deferred call %r failed", fn)
+            CALLBACKS.begin()       # one batch of completion callbacks (initiator._batch)
+            try:
+                for fn, arg in calls:
+                    try:
+                        fn(arg)
+                    except Exception:   # a consumer's bug must not kill the run's system task
+                        log.exception("deferred call %r failed", fn)
+            finally:
+                CALLBACKS.end()
             await trio.lowlevel.checkpoint()
 
     def _abort(self, _raise_cancel: Any) -> Abort:

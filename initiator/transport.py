@@ -42,6 +42,7 @@ from trio.lowlevel import (
     wait_task_rescheduled, wait_writable,
 )
 
+from ._batch import CALLBACKS
 from ._errors import (
     ConnectionLost, ConnectTimeout, DigestError, NvmeError, NvmeStatusError,
     RemoteProtocolError, TransportError,
@@ -704,9 +705,14 @@ class Queue:
                     done.clear()
                     if ready:
                         # Callbacks run once the whole batch is taken off its CIDs: a callback
-                        # that submits may reuse a CID freed later in the same batch.
-                        for cb in ready:
-                            cb(None)
+                        # that submits may reuse a CID freed later in the same batch. What
+                        # they defer (the FUSE mount's replies) runs after the last of them.
+                        CALLBACKS.begin()
+                        try:
+                            for cb in ready:
+                                cb(None)
+                        finally:
+                            CALLBACKS.end()
                         ready.clear()
                         ran = True
                 cut = core.cut

@@ -454,6 +454,25 @@ async def test_call_soon_runs_in_order_from_another_task_and_survives_a_failing_
             await trio.sleep(0)
 
 
+async def test_one_pass_of_call_soon_is_one_batch_of_completion_callbacks():
+    """The calls one pass of call_soon's task takes run as one batch (bdev.CALLBACKS): what
+    they defer runs after the last of them, as for an NVMe queue's receive."""
+    from bdev import CALLBACKS
+    from bdev._soon import call_soon
+    seen = []
+
+    def rec(x):
+        seen.append(x)
+        assert CALLBACKS.defer(lambda: seen.append(("deferred", x)))
+    for i in range(3):
+        call_soon(rec, i)
+    with trio.fail_after(5):
+        while len(seen) < 6:
+            await trio.sleep(0)
+    assert seen == [0, 1, 2, ("deferred", 0), ("deferred", 1), ("deferred", 2)]
+    assert CALLBACKS.depth == 0
+
+
 async def test_partition_read_nowait_goes_to_the_base_at_its_offset():
     b = CallbackBdev("cb0", 64, 512)
     ch = b.get_io_channel()

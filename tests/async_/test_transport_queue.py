@@ -5,7 +5,8 @@ socketpair: hand-built target PDUs (tests/helpers/nvme_tcp_wire.py), no target c
   the completion says; a cancelled `read` keeps its CID until the target answers.
 - `read_nowait` callbacks: each runs once, with its own data, even when the callbacks of one
   receive batch submit again and reuse CIDs freed later in that batch; a lost connection fails
-  callbacks and waiters alike.
+  callbacks and waiters alike; the callbacks of one receive run as one batch (what they defer
+  runs after the last of them, initiator._batch).
 - Output submitted by tasks or callbacks reaches the peer whether the reader is polling or
   asleep; the reader polls only while commands are outstanding, never when idle.
 """
@@ -23,9 +24,11 @@ import trio
 import trio.testing
 
 from helpers.nvme_tcp_wire import c2h, icresp, resp, status
+from initiator._batch import CALLBACKS
 from initiator._errors import ConnectionLost, NvmeStatusError
 from initiator._sink import FdSink
 from initiator._tcp import IC_DONE, HostQueue
+from initiator._util import single_errors
 from initiator.transport import Queue
 
 SQE = struct.Struct("<BBBBIBBHI24xI3xBQI12x")   # as the spec lays out a Read/Write capsule
@@ -119,6 +122,64 @@ async def test_a_small_c2hdata_cut_by_the_recv_boundary_is_taken_whole(pair):
             await trio.sleep(0.001)
     assert got == [None, None] and resolved == []
     assert bufs == [pattern(4096, 5), pattern(4096, 6)] and q.core.outstanding == 0
+
+
+async def test_callbacks_of_one_receive_run_as_one_batch_and_what_they_defer_after_it(pair):
+    """The callbacks of the completions one receive brings run inside one batch
+    (initiator._batch.CALLBACKS): what they defer runs once, after the last of them (the FUSE
+    mount's replies); a completion of its own receive is its own batch."""
+    q, peer = pair
+    events: list = []
+
+    def on_done(i):
+        def cb(exc):
+            events.append(("done", i, exc))
+            assert CALLBACKS.defer(lambda: events.append(("deferred", i)))
+        return cb
+    bufs = [bytearray(4096) for _ in range(3)]
+    for i, b in enumerate(bufs):
+        q.read_nowait(1, i * 8, 8, b, on_done(i))
+    caps = await peer.capsules(3)
+    await peer.send(b"".join(c2h(cap[1], 0, pattern(4096, k), success=True)
+                             for k, cap in enumerate(caps[:2])))
+    with trio.fail_after(5):
+        while len(events) < 4:
+            await trio.sleep(0.001)
+    assert events == [("done", 0, None), ("done", 1, None), ("deferred", 0), ("deferred", 1)]
+    await peer.send(c2h(caps[2][1], 0, pattern(4096, 2), success=True))
+    with trio.fail_after(5):
+        while len(events) < 6:
+            await trio.sleep(0.001)
+    assert events[4:] == [("done", 2, None), ("deferred", 2)]
+    assert CALLBACKS.depth == 0 and not CALLBACKS.deferred
+    assert not CALLBACKS.defer(lambda: None)          # outside a batch: nothing queued
+
+
+async def test_a_callback_that_raises_still_lets_the_batch_deferred_work_run():
+    """A callback's error still escapes the reader (a consumer bug is not hidden), and the work
+    the batch's earlier callbacks deferred runs all the same; the batch is closed, so later
+    ones defer again."""
+    ran = []
+
+    def good(exc):
+        CALLBACKS.defer(lambda: ran.append("deferred"))
+
+    def bad(exc):
+        raise RuntimeError("consumer bug")
+    a, b = socket.socketpair()
+    peer = Peer(b)
+    with pytest.raises(RuntimeError, match="consumer bug"), single_errors():
+        async with trio.open_nursery() as n:
+            q = open_queue(a, n)
+            q.read_nowait(1, 0, 8, bytearray(4096), good)
+            q.read_nowait(1, 8, 8, bytearray(4096), bad)
+            caps = await peer.capsules(2)
+            await peer.send(b"".join(c2h(cap[1], 0, pattern(4096, 1), success=True)
+                                     for cap in caps))
+            with trio.fail_after(5):
+                await trio.sleep_forever()
+    b.close()
+    assert ran == ["deferred"] and CALLBACKS.depth == 0 and not CALLBACKS.deferred
 
 
 class CountingSocket(socket.socket):
