@@ -15,7 +15,7 @@ import struct
 import pytest
 import trio
 
-from bdev import BdevError, BdevRegistry, MallocBdev
+from bdev import CALLBACKS, BdevError, BdevRegistry, MallocBdev
 from blockfs.nbd import NbdAddressError, serve_nbd, serve_nbd_unix
 from kernel_target import in_ci
 
@@ -808,6 +808,109 @@ async def test_reads_without_a_worker_and_their_retry(nursery, structured):
         assert got[h] == image[off:off + n], h
     assert got[99] == image[3:13]
     assert bdev.nowait == len(want) and bdev.failed == 1
+    await c.aclose()
+
+
+class BatchCallbackBdev(CallbackBdev):
+    """A CallbackBdev whose completer runs what is queued as one batch of completion callbacks
+    (bdev.CALLBACKS), as an NVMe queue's reader runs a receive's completions."""
+
+    fail_lba = -1
+
+    async def completer(self) -> None:
+        while True:
+            items = [await self._recv.receive()]
+            while True:
+                try:
+                    items.append(self._recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            CALLBACKS.begin()
+            try:
+                for on_done, ok in items:
+                    on_done(None if ok else "injected failure")
+            finally:
+                CALLBACKS.end()
+
+
+def spy_batch_flushes(monkeypatch) -> list[tuple[int, int, bool]]:
+    """Each batch-end flush of the server (`_Transmission._flush_now`): the replies it found
+    queued, the bytes it sent itself, and whether some were left to the writer task."""
+    from blockfs.nbd import server
+    seen: list[tuple[int, int, bool]] = []
+    orig = server._Transmission._flush_now
+
+    def flush(self):
+        queued, before = self._out_replies, self._out_bytes
+        orig(self)
+        seen.append((queued, before - self._out_bytes, bool(self._out)))
+    monkeypatch.setattr(server._Transmission, "_flush_now", flush)
+    return seen
+
+
+@timeboxed(30)
+async def test_replies_of_a_batch_of_completions_go_out_at_its_end(nursery, monkeypatch):
+    """Reads completed in one batch (bdev.CALLBACKS) are sent together when it ends, by the
+    completing task itself (no writer wake-up); every reply has its own data."""
+    flushes = spy_batch_flushes(monkeypatch)
+    reg = BdevRegistry(examine_modules=[])
+    bdev = BatchCallbackBdev("cb0", 4096, 512)
+    bdev._buf[:] = os.urandom(len(bdev._buf))
+    nursery.start_soon(bdev.completer)
+    await reg.register(bdev)
+    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    c = await RawClient.connect(p)
+    await c.go("cb0")
+    image = bytes(bdev._buf)
+    await trio.sleep(0.05)                  # the connection's writer task has parked
+    want = {h: (h * 4096 % (len(image) - 4096), 4096) for h in range(1, 65)}
+    await c.send(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, h, off, n)
+                          for h, (off, n) in want.items()))
+    for _ in range(len(want)):
+        err, h, _ = await c.simple_reply()
+        assert err == 0
+        off, n = want.pop(h)
+        assert await c.recv(n) == image[off:off + n], h
+    # Replies of one batch went out together, from the batch's end (the socket may take only
+    # part of them at once: the writer task sends the rest).
+    assert bdev.nowait == 64 and sum(q for q, _, _ in flushes) == 64, flushes
+    assert max(q for q, _, _ in flushes) > 1 and any(sent for _, sent, _ in flushes), flushes
+    await c.aclose()
+
+
+@timeboxed(30)
+async def test_a_batch_end_flush_the_socket_cannot_take_is_finished_by_the_writer(
+        nursery, monkeypatch):
+    """A client that does not read: the batch-end sendmsg takes part of the replies or none,
+    and the writer task sends the rest once the client reads again; nothing is lost,
+    reordered within a reply, or recycled before it went."""
+    flushes = spy_batch_flushes(monkeypatch)
+    reg = BdevRegistry(examine_modules=[])
+    bdev = BatchCallbackBdev("cb0", 16384, 512)
+    bdev._buf[:] = os.urandom(len(bdev._buf))
+    nursery.start_soon(bdev.completer)
+    await reg.register(bdev)
+    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", p))
+    c = RawClient(trio.SocketStream(sock))
+    assert await c.recv(18) == b"NBDMAGICIHAVEOPT\x00\x03"
+    await c.send(struct.pack(">I", 3))
+    await c.go("cb0")
+    image = bytes(bdev._buf)
+    n = 65536
+    await trio.sleep(0.05)                  # the connection's writer task has parked
+    want = {h: ((h * 3 % 128) * n, n) for h in range(1, 129)}       # 8 MiB of replies
+    await c.send(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, h, off, n)
+                          for h, (off, n) in want.items()))
+    await trio.sleep(0.3)                   # the server fills the socket and has to wait
+    while want:
+        err, h, _ = await c.simple_reply()
+        assert err == 0
+        off, n = want.pop(h)
+        assert await c.recv(n) == image[off:off + n], h
+    assert any(left for _, _, left in flushes), flushes      # the writer finished some
     await c.aclose()
 
 

@@ -38,3 +38,18 @@ def test_a_deferred_call_runs_outside_the_batch():
     b.begin()
     b.end()
     assert seen == [("flush", False)]
+
+
+def test_a_deferred_call_that_raises_lets_the_others_run_then_raises():
+    import pytest
+    b = CallbackBatch()
+    seen = []
+
+    def bad():
+        raise RuntimeError("consumer bug")
+    b.begin()
+    b.defer(bad)
+    b.defer(lambda: seen.append("flushed"))
+    with pytest.raises(RuntimeError, match="consumer bug"):
+        b.end()
+    assert seen == ["flushed"] and b.depth == 0 and b.deferred == []
