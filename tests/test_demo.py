@@ -10,8 +10,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.fuse]
 
 
+def _run_dir() -> set[str]:
+    d = "/run/blockfs"
+    return set(os.listdir(d)) if os.path.isdir(d) else set()
+
+
 def test_demo_runs_the_main_job():
     env = {**os.environ, "BLOCKFS_SKIP_INSTALL": "1"}    # scripts/test installed already
+    before = _run_dir()
     r = subprocess.run([os.path.join(REPO, "scripts", "demo")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=180)
     out = r.stdout
@@ -28,3 +34,6 @@ def test_demo_runs_the_main_job():
     left = subprocess.run(["pgrep", "-f", "blockfs target --listen 127.0.0.1:0 --nqn "
                            "nqn.2026-01.io.blockfs:demo"], capture_output=True, text=True)
     assert left.stdout.strip() == "", left.stdout
+    # ... and so are its files: the mount's log went to the demo's own directory, not to a
+    # /run/blockfs/mount-PID.log left behind by every run
+    assert _run_dir() - before == set(), _run_dir() - before
