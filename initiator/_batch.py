@@ -42,11 +42,16 @@ class CallbackBatch:
 
     def end(self) -> None:
         """Leave the batch; the outermost end runs the deferred calls (outside the batch: what
-        they would defer, they do at once). Every one runs even if an earlier one raises (a
-        consumer that deferred its flush relies on it); then the first error is re-raised."""
+        they would defer, they do at once)."""
         self.depth -= 1
-        if self.depth or not self.deferred:
-            return
+        if not self.depth and self.deferred:
+            self.run_deferred()
+
+    def run_deferred(self) -> None:
+        """Run the deferred calls now (`end()` does, at depth 0; a hot loop that counts `depth`
+        itself calls this when it has brought it to 0 with calls queued). Every one runs even
+        if an earlier one raises (a consumer that deferred its flush relies on it); then the
+        first error is re-raised."""
         calls = self.deferred
         self.deferred = []
         error = None

@@ -684,6 +684,7 @@ class Queue:
         waiter = self._waiter
         callback = self._callback
         ready = self._ready
+        batch = CALLBACKS
         woke = 0
         freed = 0
         ran = False
@@ -707,12 +708,15 @@ class Queue:
                         # Callbacks run once the whole batch is taken off its CIDs: a callback
                         # that submits may reuse a CID freed later in the same batch. What
                         # they defer (the FUSE mount's replies) runs after the last of them.
-                        CALLBACKS.begin()
+                        # (CALLBACKS.begin() / end() inlined: 100 ns a batch less)
+                        batch.depth += 1
                         try:
                             for cb in ready:
                                 cb(None)
                         finally:
-                            CALLBACKS.end()
+                            batch.depth -= 1
+                            if batch.deferred and not batch.depth:
+                                batch.run_deferred()
                         ready.clear()
                         ran = True
                 cut = core.cut
