@@ -583,13 +583,7 @@ class _Transmission:
                 replies, self._out_replies = self._out_replies, 0
                 cost, self._out_cost = self._out_cost, 0
                 recycle, self._out_recycle = self._out_recycle, []
-                if self._pooled < POOL_BYTES:
-                    for buf in recycle:
-                        self._recycle(buf)
-                self._inflight -= replies
-                self._inflight_bytes -= cost
-                if self._reader_lot:
-                    self._reader_lot.unpark_all()
+                self._replies_sent(replies, cost, recycle)
                 return
             drop_sent(buffers, sent)
             self._out_bytes = total - sent
@@ -692,14 +686,18 @@ class _Transmission:
                 if self._scope is not None:
                     self._scope.cancel()
                 return
-            # Sent, so copied by the kernel: the read buffers can take the next reads.
-            if self._pooled < POOL_BYTES:
-                for buf in recycle:
-                    self._recycle(buf)
-            self._inflight -= replies
-            self._inflight_bytes -= cost
-            if self._reader_lot:
-                self._reader_lot.unpark_all()
+            self._replies_sent(replies, cost, recycle)
+
+    def _replies_sent(self, replies: int, cost: int, recycle: list[memoryview]) -> None:
+        # Sent, so copied by the kernel: the read buffers can take the next reads, and the
+        # reader more requests.
+        if self._pooled < POOL_BYTES:
+            for buf in recycle:
+                self._recycle(buf)
+        self._inflight -= replies
+        self._inflight_bytes -= cost
+        if self._reader_lot:
+            self._reader_lot.unpark_all()
 
     async def _send_all(self, buffers: list[Any], total: int) -> None:
         """Send all of *buffers* (*total* bytes). When one sendmsg takes them all, the common

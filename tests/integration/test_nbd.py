@@ -848,29 +848,42 @@ def spy_batch_flushes(monkeypatch) -> list[tuple[int, int, bool]]:
     return seen
 
 
+async def batch_export(nursery, blocks: int) -> tuple[BatchCallbackBdev, int]:
+    """A BatchCallbackBdev of random bytes exported by a server: (bdev, port)."""
+    reg = BdevRegistry(examine_modules=[])
+    bdev = BatchCallbackBdev("cb0", blocks, 512)
+    bdev._buf[:] = os.urandom(len(bdev._buf))
+    nursery.start_soon(bdev.completer)
+    await reg.register(bdev)
+    return bdev, await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+
+
+async def pipelined_reads(c: RawClient, image: bytes, want: dict, pause: float = 0) -> None:
+    """Send every read of `want` ({handle: (offset, length)}) at once, optionally wait, then
+    check each simple reply against `image`."""
+    await trio.sleep(0.05)                  # the connection's writer task has parked
+    await c.send(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, h, off, n)
+                          for h, (off, n) in want.items()))
+    await trio.sleep(pause)
+    want = dict(want)
+    while want:
+        err, h, _ = await c.simple_reply()
+        assert err == 0
+        off, n = want.pop(h)
+        assert await c.recv(n) == image[off:off + n], h
+
+
 @timeboxed(30)
 async def test_replies_of_a_batch_of_completions_go_out_at_its_end(nursery, monkeypatch):
     """Reads completed in one batch (bdev.CALLBACKS) are sent together when it ends, by the
     completing task itself (no writer wake-up); every reply has its own data."""
     flushes = spy_batch_flushes(monkeypatch)
-    reg = BdevRegistry(examine_modules=[])
-    bdev = BatchCallbackBdev("cb0", 4096, 512)
-    bdev._buf[:] = os.urandom(len(bdev._buf))
-    nursery.start_soon(bdev.completer)
-    await reg.register(bdev)
-    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    bdev, p = await batch_export(nursery, 4096)
     c = await RawClient.connect(p)
     await c.go("cb0")
     image = bytes(bdev._buf)
-    await trio.sleep(0.05)                  # the connection's writer task has parked
-    want = {h: (h * 4096 % (len(image) - 4096), 4096) for h in range(1, 65)}
-    await c.send(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, h, off, n)
-                          for h, (off, n) in want.items()))
-    for _ in range(len(want)):
-        err, h, _ = await c.simple_reply()
-        assert err == 0
-        off, n = want.pop(h)
-        assert await c.recv(n) == image[off:off + n], h
+    await pipelined_reads(c, image, {h: (h * 4096 % (len(image) - 4096), 4096)
+                                     for h in range(1, 65)})
     # Replies of one batch went out together, from the batch's end (the socket may take only
     # part of them at once: the writer task sends the rest).
     assert bdev.nowait == 64 and sum(q for q, _, _ in flushes) == 64, flushes
@@ -885,12 +898,7 @@ async def test_a_batch_end_flush_the_socket_cannot_take_is_finished_by_the_write
     and the writer task sends the rest once the client reads again; nothing is lost,
     reordered within a reply, or recycled before it went."""
     flushes = spy_batch_flushes(monkeypatch)
-    reg = BdevRegistry(examine_modules=[])
-    bdev = BatchCallbackBdev("cb0", 16384, 512)
-    bdev._buf[:] = os.urandom(len(bdev._buf))
-    nursery.start_soon(bdev.completer)
-    await reg.register(bdev)
-    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    bdev, p = await batch_export(nursery, 16384)
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect(("127.0.0.1", p))
@@ -898,18 +906,10 @@ async def test_a_batch_end_flush_the_socket_cannot_take_is_finished_by_the_write
     assert await c.recv(18) == b"NBDMAGICIHAVEOPT\x00\x03"
     await c.send(struct.pack(">I", 3))
     await c.go("cb0")
-    image = bytes(bdev._buf)
     n = 65536
-    await trio.sleep(0.05)                  # the connection's writer task has parked
-    want = {h: ((h * 3 % 128) * n, n) for h in range(1, 129)}       # 8 MiB of replies
-    await c.send(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, h, off, n)
-                          for h, (off, n) in want.items()))
-    await trio.sleep(0.3)                   # the server fills the socket and has to wait
-    while want:
-        err, h, _ = await c.simple_reply()
-        assert err == 0
-        off, n = want.pop(h)
-        assert await c.recv(n) == image[off:off + n], h
+    # 8 MiB of replies; the pause lets the server fill the socket and have to wait
+    await pipelined_reads(c, bytes(bdev._buf), {h: ((h * 3 % 128) * n, n) for h in range(1, 129)},
+                          pause=0.3)
     assert any(left for _, _, left in flushes), flushes      # the writer finished some
     await c.aclose()
 
