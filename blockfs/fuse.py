@@ -67,7 +67,8 @@ from pyfuse3 import FUSEError
 from bdev import Bdev, BdevError, BdevRegistry, IoChannel, IoType
 
 from ._libfuse import (
-    ConnLimits, FallocateHook, FastReads, PyfuseSession, ReadWithoutWaiting, splice_pipe_size,
+    ConnLimits, FallocateHook, FastReads, InlineRequests, PyfuseSession, ReadWithoutWaiting,
+    splice_pipe_size,
 )
 
 __all__ = ["BlockFs", "serve_fuse"]
@@ -578,6 +579,10 @@ def _install_extras(fs: BlockFs, max_background: int, max_read: int) -> list[Any
     if fs.fast_reads:
         fs.fast = FastReads(fs, se)
         extras.append(fs.fast)
+        try:
+            extras.append(InlineRequests(fs, fs.fast, se, InlineRequests.locate()))
+        except (OSError, ValueError) as e:
+            log.info("FUSE: requests behind a batch of replies wait for a worker (%s)", e)
     for x in extras:
         x.install()
     return extras

@@ -48,6 +48,9 @@ def test_queued_fuse_reads_and_writes_complete(tmp_path):
             # Their replies went out at the end of each receive's batch of completions
             # (initiator._batch), not one per callback.
             assert fuse["batched"] >= job["read"]["total_ios"] // 2, fuse
+            # ... and the requests fio queued meanwhile were taken right after them
+            # (InlineRequests), most of them.
+            assert fuse["inline"] >= job["read"]["total_ios"] // 4, fuse
             job = fio(f, "--bs=4k", "--iodepth=64", "--name=w", "--rw=randwrite", "--size=8M",
                       "--verify=crc32c")
             assert job["error"] == 0 and job["read"]["total_ios"] == 2048

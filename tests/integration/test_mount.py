@@ -89,6 +89,9 @@ def test_files_dd_partitions_mkfs_fio_and_clean_umount(mount, kernel_target, tmp
                 "--direct=1", "--verify_state_save=0", "--output-format=json")
         job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
         assert job["error"] == 0
+        # its verify reads were taken right behind the replies before them (InlineRequests)
+        fuse = json.loads(m.blockfs("ctl", "-S", m.control, "stats", check=True).stdout)["fuse"]
+        assert fuse["inline"] > 0 and fuse["redone"] == 0, fuse
 
     # punch hole reads back zeros
     fd = os.open(m.file("nvme0n1p2"), os.O_RDWR)

@@ -5,6 +5,7 @@ against libfuse3-dev, which scripts/setup-system installs)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -51,3 +52,10 @@ def test_fuse_out_header_is_16_bytes():
     # struct fuse_out_header { uint32_t len; int32_t error; uint64_t unique; } (fuse_kernel.h)
     assert _libfuse._OUT_HEADER.size == 16
     assert _libfuse._OUT_HEADER.pack(16 + 4096, 0, 7) == (4112).to_bytes(4, "little") + bytes(4) + (7).to_bytes(8, "little")
+
+
+def test_pyfuse3s_handler_result_static_is_found_and_holds_none():
+    """InlineRequests takes pyfuse3's handler coroutines from its `py_retval` static: the symbol
+    is in the installed pyfuse3 and holds None outside a request (what `locate` checks)."""
+    addr = _libfuse.InlineRequests.locate()
+    assert ctypes.c_void_p.from_address(addr).value == id(None)
