@@ -22,7 +22,8 @@ request, so four things a block-device mount needs are done here, next to it:
   written into a pipe, the payload spliced in behind it (`initiator._sink.FdSink`), and the
   pipe spliced to /dev/fuse; a pipe that overflowed is drained and the reply sent with writev.
   A failed read is redone by a task through `BlockFs.read_into` (FUSEError's one place).
-  Anything else goes to pyfuse3's own handler.
+  Anything else goes to pyfuse3's own handler. After a batch of replies, the requests queued
+  behind them are read at once (`blockfs._fuse_inline.InlineRequests`).
 
 How the session is found (`PyfuseSession.locate`): pyfuse3's statics `session` and
 `fuse_ops` by name from its ELF symbol table; libfuse's copy of the ops table inside
@@ -56,8 +57,8 @@ from pyfuse3 import FUSEError
 from bdev import CALLBACKS, FdSink
 from initiator.transport import POLL_IDLE
 
-__all__ = ["ConnLimits", "FallocateHook", "FastReads", "InlineRequests", "PyfuseSession",
-           "ReadWithoutWaiting", "elf_symbols", "splice_pipe_size"]
+__all__ = ["ConnLimits", "FallocateHook", "FastReads", "PyfuseSession", "ReadWithoutWaiting",
+           "elf_symbols", "splice_pipe_size"]
 
 log = logging.getLogger("blockfs.fuse")
 
@@ -316,148 +317,6 @@ class ReadWithoutWaiting:
                 return True
 
 
-class _FuseBuf(ctypes.Structure):
-    """struct fuse_buf (fuse_common.h, libfuse 3): size, flags, mem, fd, pos."""
-
-    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
-                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
-
-
-class InlineRequests:
-    """The FUSE requests already waiting, read and started by the task that has just written a
-    batch of replies (`FastReads._flush_replies`), as a pyfuse3 worker would read them.
-
-    Why: each reply lets the reading program submit its next request at once (fio preempts the
-    mount inside the reply's writev), so when a batch's replies are out, that many requests
-    wait in /dev/fuse. A pyfuse3 worker would take them a scheduler pass later, once epoll
-    reported the descriptor; the NVMe queue's reader meanwhile received again, so about a third
-    of fio's 32 reads waited there and each NVMe batch was about 8 requests, not 14, sharing
-    its receive, sendmsg and scheduler passes among fewer (docs/performance.md, stop 20: taken
-    here, fuse-nvme-4k +20%, the RAM bdev's file +3.5%).
-
-    How: libfuse's `fuse_session_receive_buf` and `fuse_session_process_buf` on pyfuse3's
-    session (ctypes, GIL held), with a worker's checks: `poll(fd, 0)` first, so the read never
-    blocks (one trio thread: nothing else reads in between), and a stop at any error (the
-    session is ending: the workers see it too) or once the session has exited. A read lands in
-    the FastReads read slot as it would from a worker. Any other request goes to pyfuse3's
-    handler, which leaves its coroutine in the module static `py_retval` for the worker that
-    processed the request to await (pyfuse3 3.x `_session_loop`): taken from there (the static
-    reset to None and its reference moved to a task that awaits the coroutine in the mount's
-    nursery, where pyfuse3's workers would have awaited it). The static is reset before each
-    request too, as the worker resets it: a worker suspended inside a handler holds its own
-    reference. `locate` raises ValueError when the static is not found or not None (another
-    pyfuse3 layout): the mount then runs without this.
-
-    What it does not do: anything after `close()`, outside a mounted session, or more than
-    LIMIT requests per call.
-    """
-
-    LIMIT = 64
-
-    def __init__(self, fs: Any, fast: "FastReads", se: PyfuseSession, retval_addr: int) -> None:
-        self.fs = fs
-        self.fast = fast
-        self._se = se.session
-        self._retval = _ptr_at(retval_addr)
-        self._none = id(None)
-        libfuse = ctypes.PyDLL("libfuse3.so.3")     # PyDLL: the GIL stays held
-        self._receive = libfuse.fuse_session_receive_buf
-        self._receive.argtypes = (ctypes.c_void_p, ctypes.POINTER(_FuseBuf))
-        self._receive.restype = ctypes.c_int
-        self._process = libfuse.fuse_session_process_buf
-        self._process.argtypes = (ctypes.c_void_p, ctypes.POINTER(_FuseBuf))
-        self._process.restype = None
-        self._exited = libfuse.fuse_session_exited
-        self._exited.argtypes = (ctypes.c_void_p,)
-        self._exited.restype = ctypes.c_int
-        self._buf = ctypes.pointer(_FuseBuf())      # libfuse allocates its memory once
-        poller = select.poll()
-        poller.register(se.fd, select.POLLIN)
-        self._poll = poller.poll
-        self._busy = False
-        self.closed = False
-        self.taken = 0          # requests read here
-        self.handed = 0         # ... of which pyfuse3's handler coroutines, awaited by a task
-
-    @staticmethod
-    def locate() -> int:
-        """The address of pyfuse3's `py_retval` static; ValueError if it is not as expected."""
-        path = pyfuse3.__file__
-        syms = elf_symbols(path, {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_py_retval"})
-        if len(syms) != 2:
-            raise ValueError(f"pyfuse3's py_retval not found in {path}")
-        lib = ctypes.CDLL(path)
-        bias = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"][0]
-        addr = bias + syms["__pyx_v_7pyfuse3_py_retval"][0]
-        if _ptr_at(addr).value != id(None):
-            raise ValueError("pyfuse3's py_retval does not hold None")
-        return addr
-
-    def install(self) -> None:
-        self.fast.inline = self
-        log.info("FUSE: requests queued behind a batch of replies are taken at once")
-
-    def close(self) -> None:
-        self.closed = True
-        self.fast.inline = None
-
-    def statistics(self) -> dict:
-        return {"inline": self.taken, "inline_handed": self.handed}
-
-    def take(self) -> int:
-        """Read and start the requests waiting now (at most LIMIT); how many."""
-        nursery = self.fs._nursery
-        if self._busy or self.closed or nursery is None or self._exited(self._se):
-            return 0
-        self._busy = True
-        try:
-            poll = self._poll
-            receive = self._receive
-            process = self._process
-            se = self._se
-            buf = self._buf
-            retval = self._retval
-            none = self._none
-            n = 0
-            while n < self.LIMIT and poll(0):
-                if receive(se, buf) <= 0:
-                    break                           # -EINTR, -ENODEV...: leave it to a worker
-                if retval.value != none:
-                    self._reset_retval()
-                process(se, buf)
-                n += 1
-                if retval.value != none:
-                    coro = ctypes.cast(retval.value, ctypes.py_object).value
-                    self._reset_retval()
-                    self.handed += 1
-                    nursery.start_soon(_await_handler, coro)
-            self.taken += n
-            return n
-        finally:
-            self._busy = False
-
-    def _reset_retval(self) -> None:
-        """py_retval = None, as Cython would assign it: a new reference to None, the old one
-        dropped."""
-        old = self._retval.value
-        _incref(None)
-        self._retval.value = self._none
-        _decref(ctypes.c_void_p(old))
-
-
-_incref = ctypes.pythonapi.Py_IncRef
-_incref.argtypes = (ctypes.py_object,)
-_incref.restype = None
-_decref = ctypes.pythonapi.Py_DecRef
-_decref.argtypes = (ctypes.c_void_p,)
-_decref.restype = None
-
-
-async def _await_handler(coro: Any) -> None:
-    """A pyfuse3 handler's coroutine taken by InlineRequests (it replies to its request)."""
-    await coro
-
-
 # Read buffers kept for reuse: per size at most this many, in all at most _POOL_BYTES.
 _POOL_PER_SIZE = 64
 _POOL_BYTES = 64 << 20
@@ -564,7 +423,7 @@ class FastReads:
         self.redone = 0         # reads that failed here and were redone with full error handling
         self._pending: list[tuple[int, int, bytearray]] = []   # replies deferred to a batch's end
         self._defer = CALLBACKS.defer
-        self.inline: InlineRequests | None = None   # set by InlineRequests.install
+        self.inline: Any = None     # blockfs._fuse_inline.InlineRequests, when installed
 
     def install(self) -> None:
         slot = self.se.slot("read")

@@ -66,9 +66,9 @@ from pyfuse3 import FUSEError
 
 from bdev import Bdev, BdevError, BdevRegistry, IoChannel, IoType
 
+from ._fuse_inline import InlineRequests
 from ._libfuse import (
-    ConnLimits, FallocateHook, FastReads, InlineRequests, PyfuseSession, ReadWithoutWaiting,
-    splice_pipe_size,
+    ConnLimits, FallocateHook, FastReads, PyfuseSession, ReadWithoutWaiting, splice_pipe_size,
 )
 
 __all__ = ["BlockFs", "serve_fuse"]

@@ -57,5 +57,6 @@ def test_fuse_out_header_is_16_bytes():
 def test_pyfuse3s_handler_result_static_is_found_and_holds_none():
     """InlineRequests takes pyfuse3's handler coroutines from its `py_retval` static: the symbol
     is in the installed pyfuse3 and holds None outside a request (what `locate` checks)."""
-    addr = _libfuse.InlineRequests.locate()
+    from blockfs._fuse_inline import InlineRequests
+    addr = InlineRequests.locate()
     assert ctypes.c_void_p.from_address(addr).value == id(None)
