@@ -18,7 +18,10 @@ coroutine in the module static `py_retval` for the worker that processed the req
 (pyfuse3 3.x `_session_loop`): it is taken from there (the static reset to None, its reference
 moved) and awaited by a task in the mount's nursery, where a worker would have awaited it. The
 static is also reset before each request, as the worker resets it: a worker suspended inside a
-handler holds its own reference. `locate` raises ValueError when the static is not found or not
+handler holds its own reference. Awaiting the coroutine a pass later is safe for the same reason
+it is for pyfuse3's workers, which await it only after `fuse_session_process_buf` has returned:
+libfuse's request buffer (a write's data included) is reused by the next receive, so pyfuse3's
+handlers copy what they need before they return (tests/fuse: verified mixed reads and writes). `locate` raises ValueError when the static is not found or not
 None (another pyfuse3 layout): the mount then runs without this, as before.
 
 What it does not do: anything after `close()`, outside a mounted session, or more than LIMIT

@@ -433,6 +433,22 @@ def test_queued_requests_under_load_with_metadata_in_between(make_mount, read_de
         assert st["inline"] > 0 and st["inline_handed"] > 0, st
 
 
+def test_writes_taken_behind_read_replies_keep_their_data(make_mount):
+    """Mixed random reads and writes, verified as they go: the writes that InlineRequests takes
+    behind a batch of read replies (pyfuse3's write handler, its coroutine awaited by a task)
+    write what fio sent, and the reads return it."""
+    need("fio")
+    mount = make_mount()
+    out = run("fio", "--output-format=json", "--ioengine=libaio", "--direct=1", "--bs=4k",
+              "--iodepth=32", "--rw=randrw", "--size=16M", "--verify=crc32c",
+              "--verify_backlog=256", "--name=mix", f"--filename={mount / 'malloc0'}",
+              timeout=120).stdout
+    job = json.loads(out)["jobs"][0]
+    assert job["error"] == 0 and job["write"]["total_ios"] >= 2048, job["error"]
+    st = _stats(mount)
+    assert st["inline"] > 0 and st["inline_handed"] > 0 and st["inflight"] == 0, st
+
+
 def test_read_only_mount(make_mount):
     m = make_mount("--read-only", "--mode", "0660")
     path = m / "malloc0"
