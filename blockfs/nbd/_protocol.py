@@ -48,9 +48,10 @@ __all__ = [
     "Info", "Cmd", "CmdFlag", "ReplyFlag", "ReplyType", "NbdErrno",
     "NbdError", "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
     "ExportInfo", "ListExports", "ExportRequest", "Negotiated", "Closed", "NEED_DATA",
-    "ServerHandshake", "RequestReader", "export_flags", "validate_request", "nbd_errno",
+    "ServerHandshake", "RequestReader", "export_flags", "plain_reads_prefix", "validate_request",
+    "nbd_errno",
     "simple_reply", "read_chunk_header", "error_chunk", "none_chunk",
-    "MAX_BLOCK", "MAX_PAYLOAD", "MAX_OPTION_LENGTH", "MAX_STRING",
+    "MAX_BLOCK", "MAX_PAYLOAD", "MAX_OPTION_LENGTH", "MAX_STRING", "REQUEST_SIZE",
 ]
 
 # --------------------------------------------------------------------------- constants
@@ -221,6 +222,22 @@ assert _READ_CHUNK.size == 28
 assert _ERROR_CHUNK.size == 26
 
 REQUEST_SIZE = _REQUEST.size
+
+
+def plain_reads_prefix(data, n: int, size: int, max_block: int) -> int:
+    """How many bytes at the start of `data[:n]` are whole plain READ requests (request magic,
+    no flags, 0 < length <= max_block, inside an export of `size` bytes): the requests a
+    server may take on its fast path, read without payloads. Stops at the first other one."""
+    m = 0
+    unpack = _REQUEST.unpack_from
+    read = int(Cmd.READ)
+    while m + REQUEST_SIZE <= n:
+        magic, flags, cmd, _handle, offset, length = unpack(data, m)
+        if (magic != REQUEST_MAGIC or flags or cmd != read or not 0 < length <= max_block
+                or offset + length > size):
+            break
+        m += REQUEST_SIZE
+    return m
 _ZEROES_124 = bytes(124)
 _SUPPORTED_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 GREETING = _GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
@@ -714,6 +731,11 @@ class RequestReader:
         self._pending: tuple[int, int, int, int, int] | None = None
         self._skip = 0
         self._failed = False
+
+    def idle(self) -> bool:
+        """Nothing buffered or half-read: no partial request, payload or skipped payload."""
+        return (self._start == self._end and self._payload_mv is None and self._pending is None
+                and not self._skip and not self._failed)
 
     def get_buffer(self) -> memoryview:
         """Where the next received bytes must be written (then call `commit(n)`)."""

@@ -914,6 +914,77 @@ async def test_a_batch_end_flush_the_socket_cannot_take_is_finished_by_the_write
     await c.aclose()
 
 
+class EagerClientBdev(BatchCallbackBdev):
+    """A BatchCallbackBdev whose batch, before it ends, writes `next_requests` into the client's
+    socket: as fio on the same core sends its next reads while the server writes replies,
+    with no scheduler pass in between."""
+
+    next_requests: list[bytes] = []
+    client_fd = -1
+
+    async def completer(self) -> None:
+        while True:
+            items = [await self._recv.receive()]
+            while True:
+                try:
+                    items.append(self._recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            CALLBACKS.begin()
+            try:
+                for on_done, ok in items:
+                    on_done(None if ok else "injected failure")
+                if self.next_requests:
+                    os.write(self.client_fd, self.next_requests.pop(0))
+            finally:
+                CALLBACKS.end()
+
+
+@timeboxed(30)
+async def test_plain_reads_sent_during_a_batch_are_taken_at_its_end(nursery, monkeypatch):
+    """Plain reads that reach the socket while a batch of replies is written are read and
+    started right after it by the completing task (`_Transmission._take_now`, the reader task
+    still waiting); the write behind them stays in the socket for the reader, and every
+    request is answered with the right data."""
+    from blockfs.nbd import server
+    taken: list[int] = []
+    orig = server._Transmission._take_now
+
+    def take(self):
+        before = self.taken_now
+        orig(self)
+        taken.append(self.taken_now - before)
+    monkeypatch.setattr(server._Transmission, "_take_now", take)
+    reg = BdevRegistry(examine_modules=[])
+    bdev = EagerClientBdev("cb0", 4096, 512)
+    bdev._buf[:] = os.urandom(len(bdev._buf))
+    nursery.start_soon(bdev.completer)
+    await reg.register(bdev)
+    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    c = await RawClient.connect(p)
+    await c.go("cb0")
+    bdev.client_fd = c.stream.socket.fileno()
+
+    def reads(handles):
+        return b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, h, h * 4096, 4096)
+                        for h in handles)
+    write = struct.pack(">IHHQQI", 0x25609513, 0, CMD_WRITE, 100, 512 * 4000, 512) + b"\x77" * 512
+    bdev.next_requests = [reads(range(9, 17)) + write + reads(range(17, 21))]
+    image = bytes(bdev._buf)
+    await trio.sleep(0.05)                  # the connection's writer task has parked
+    await c.send(reads(range(1, 9)))
+    got = {}
+    for _ in range(8 + 8 + 1 + 4):
+        err, h, _ = await c.simple_reply()
+        assert err == 0
+        got[h] = await c.recv(4096) if h != 100 else b""
+    for h in range(1, 21):
+        assert got[h] == image[h * 4096:(h + 1) * 4096], h
+    assert 100 in got and bytes(bdev._buf[512 * 4000:512 * 4001]) == b"\x77" * 512
+    assert 8 in taken, taken                  # the 8 reads before the write, at the batch's end
+    await c.aclose()
+
+
 @timeboxed(20)
 async def test_requests_arriving_end_a_polling_stretch(port):
     """Busy time (initiator._util.IdleMeter): requests that the connection's reader receives

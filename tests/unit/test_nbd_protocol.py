@@ -26,6 +26,7 @@ from blockfs.nbd._protocol import (
     export_flags,
     nbd_errno,
     none_chunk,
+    plain_reads_prefix,
     read_chunk_header,
     simple_reply,
     validate_request,
@@ -389,6 +390,34 @@ def test_request_golden_parse():
     r.receive_data(bytes.fromhex("25609513" "0001" "0000" "0102030405060708" "0000000000001000" "00000200"))
     assert r.next_request() == (0, 1, 0x0102030405060708, 0x1000, 0x200, None)
     assert r.next_request() is NEED_DATA
+
+
+def test_plain_reads_prefix_stops_at_the_first_other_request():
+    """The whole plain READs at the head of a buffer (what a server may take on its fast path
+    without a payload): no flags, 0 < length <= max_block, inside the export; a partial
+    header, a write, a flagged read, a zero-length or oversized or out-of-range one stop it."""
+    reads = request(0, 1, 0, 4096) + request(0, 2, 8192, 512)
+    assert plain_reads_prefix(reads, len(reads), 1 << 20, 1 << 16) == 56
+    assert plain_reads_prefix(reads + reads[:27], 83, 1 << 20, 1 << 16) == 56
+    for stop in (request(1, 3, 0, 4096), request(0, 3, 0, 4096, flags=1), request(0, 3, 0, 0),
+                 request(0, 3, 0, 1 << 17), request(0, 3, (1 << 20) - 512, 1024),
+                 b"\x00" * 4 + request(0, 3, 0, 512)[4:]):
+        data = reads + stop + reads
+        assert plain_reads_prefix(data, len(data), 1 << 20, 1 << 16) == 56, stop
+    assert plain_reads_prefix(b"", 0, 1 << 20, 1 << 16) == 0
+
+
+def test_request_reader_idle_only_with_nothing_half_read():
+    r = RequestReader(buffer_size=4096)
+    assert r.idle()
+    r.receive_data(request(0, 1, 0, 512)[:10])
+    assert not r.idle()                          # part of a header
+    r.receive_data(request(0, 1, 0, 512)[10:])
+    assert r.next_request()[:2] == (0, 0) and r.next_request() is NEED_DATA and r.idle()
+    r.receive_data(request(1, 2, 0, 1024) + b"x" * 100)
+    assert r.next_request() is NEED_DATA and not r.idle()    # a write's payload under way
+    r.receive_data(b"x" * 924)
+    assert r.next_request()[0] == 1 and r.idle()
 
 
 def test_write_with_payload_byte_at_a_time():
