@@ -19,7 +19,8 @@ Per connection:
   the bdev can start without a waiting task (`IoChannel.read_blocks_nowait`: NVMe) skip the
   workers: the reply is queued from the completion callback, and the replies of one batch of
   completions (`bdev.CALLBACKS`: an NVMe receive's) are sent at its end with one `sendmsg`
-  while the writer is idle, the rest left to it; a read that fails is redone by a worker.  The
+  while the writer is idle, the rest left to it, and the plain reads the client sent meanwhile
+  are taken from the socket right then (`_take_now`); a read that fails is redone by a worker.  The
   reader stops reading while MAX_INFLIGHT requests or INFLIGHT_BYTES of payload are unanswered.
 - BdevError -> NBD error at one place (`_execute`), via `_protocol.nbd_errno`.
 """
