@@ -11,6 +11,7 @@ import shutil
 import socket
 import stat
 import struct
+from typing import Any
 
 import pytest
 import trio
@@ -829,8 +830,12 @@ class BatchCallbackBdev(CallbackBdev):
             try:
                 for on_done, ok in items:
                     on_done(None if ok else "injected failure")
+                self.in_batch()
             finally:
                 CALLBACKS.end()
+
+    def in_batch(self) -> None:
+        """Runs inside each batch, after its callbacks."""
 
 
 def spy_batch_flushes(monkeypatch) -> list[tuple[int, int, bool]]:
@@ -848,10 +853,10 @@ def spy_batch_flushes(monkeypatch) -> list[tuple[int, int, bool]]:
     return seen
 
 
-async def batch_export(nursery, blocks: int) -> tuple[BatchCallbackBdev, int]:
-    """A BatchCallbackBdev of random bytes exported by a server: (bdev, port)."""
+async def batch_export(nursery, blocks: int, cls: type = BatchCallbackBdev) -> tuple[Any, int]:
+    """A BatchCallbackBdev (or `cls`) of random bytes exported by a server: (bdev, port)."""
     reg = BdevRegistry(examine_modules=[])
-    bdev = BatchCallbackBdev("cb0", blocks, 512)
+    bdev = cls("cb0", blocks, 512)
     bdev._buf[:] = os.urandom(len(bdev._buf))
     nursery.start_soon(bdev.completer)
     await reg.register(bdev)
@@ -922,22 +927,9 @@ class EagerClientBdev(BatchCallbackBdev):
     next_requests: list[bytes] = []
     client_fd = -1
 
-    async def completer(self) -> None:
-        while True:
-            items = [await self._recv.receive()]
-            while True:
-                try:
-                    items.append(self._recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            CALLBACKS.begin()
-            try:
-                for on_done, ok in items:
-                    on_done(None if ok else "injected failure")
-                if self.next_requests:
-                    os.write(self.client_fd, self.next_requests.pop(0))
-            finally:
-                CALLBACKS.end()
+    def in_batch(self) -> None:
+        if self.next_requests:
+            os.write(self.client_fd, self.next_requests.pop(0))
 
 
 @timeboxed(30)
@@ -955,12 +947,7 @@ async def test_plain_reads_sent_during_a_batch_are_taken_at_its_end(nursery, mon
         orig(self)
         taken.append(self.taken_now - before)
     monkeypatch.setattr(server._Transmission, "_take_now", take)
-    reg = BdevRegistry(examine_modules=[])
-    bdev = EagerClientBdev("cb0", 4096, 512)
-    bdev._buf[:] = os.urandom(len(bdev._buf))
-    nursery.start_soon(bdev.completer)
-    await reg.register(bdev)
-    p = await nursery.start(serve_nbd, reg, "127.0.0.1", 0)
+    bdev, p = await batch_export(nursery, 4096, EagerClientBdev)
     c = await RawClient.connect(p)
     await c.go("cb0")
     bdev.client_fd = c.stream.socket.fileno()
