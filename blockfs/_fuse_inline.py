@@ -35,9 +35,7 @@ import logging
 import select
 from typing import Any
 
-import pyfuse3
-
-from ._libfuse import FastReads, PyfuseSession, _ptr_at, elf_symbols
+from ._libfuse import FastReads, PyfuseSession, _ptr_at, pyfuse3_statics
 
 __all__ = ["InlineRequests"]
 
@@ -86,13 +84,7 @@ class InlineRequests:
     @staticmethod
     def locate() -> int:
         """The address of pyfuse3's `py_retval` static; ValueError if it is not as expected."""
-        path = pyfuse3.__file__
-        syms = elf_symbols(path, {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_py_retval"})
-        if len(syms) != 2:
-            raise ValueError(f"pyfuse3's py_retval not found in {path}")
-        lib = ctypes.CDLL(path)
-        bias = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"][0]
-        addr = bias + syms["__pyx_v_7pyfuse3_py_retval"][0]
+        addr = pyfuse3_statics("py_retval")["py_retval"][0]
         if _ptr_at(addr).value != id(None):
             raise ValueError("pyfuse3's py_retval does not hold None")
         return addr

@@ -58,7 +58,7 @@ from bdev import CALLBACKS, FdSink
 from initiator.transport import POLL_IDLE
 
 __all__ = ["ConnLimits", "FallocateHook", "FastReads", "PyfuseSession", "ReadWithoutWaiting",
-           "elf_symbols", "splice_pipe_size"]
+           "elf_symbols", "pyfuse3_statics", "splice_pipe_size"]
 
 log = logging.getLogger("blockfs.fuse")
 
@@ -104,6 +104,21 @@ def elf_symbols(path: str, wanted: set[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
+def pyfuse3_statics(*names: str) -> dict[str, tuple[int, int]]:
+    """{name: (address, size)} of pyfuse3 module statics (Cython's `__pyx_v_7pyfuse3_NAME`) in
+    this process, from its ELF symbol table and where the module is loaded; ValueError when one
+    is missing."""
+    path = pyfuse3.__file__
+    wanted = {f"__pyx_v_7pyfuse3_{n}": n for n in names}
+    syms = elf_symbols(path, {"PyInit_pyfuse3", *wanted})
+    missing = [n for sym, n in wanted.items() if sym not in syms]
+    if "PyInit_pyfuse3" not in syms or missing:
+        raise ValueError(f"pyfuse3 symbols not found in {path}: {', '.join(missing) or 'PyInit'}")
+    lib = ctypes.CDLL(path)
+    bias = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"][0]
+    return {n: (bias + syms[sym][0], syms[sym][1]) for sym, n in wanted.items()}
+
+
 class PyfuseSession:
     """pyfuse3's live libfuse session: its address, /dev/fuse descriptor, ops slots, replies."""
 
@@ -121,15 +136,8 @@ class PyfuseSession:
     @classmethod
     def locate(cls) -> "PyfuseSession":
         """Call after `pyfuse3.init`. Raises ValueError/OSError when anything is not as expected."""
-        path = pyfuse3.__file__
-        syms = elf_symbols(path, {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_fuse_ops",
-                                  "__pyx_v_7pyfuse3_session"})
-        if len(syms) != 3:
-            raise ValueError(f"symbols not found in {path}")
-        lib = ctypes.CDLL(path)
-        bias = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - syms["PyInit_pyfuse3"][0]
-        ops_addr = bias + syms["__pyx_v_7pyfuse3_fuse_ops"][0]
-        ops_size = syms["__pyx_v_7pyfuse3_fuse_ops"][1]
+        statics = pyfuse3_statics("fuse_ops", "session")
+        ops_addr, ops_size = statics["fuse_ops"]
         if ops_size < (_SLOTS["readdirplus"] + 1) * 8:
             raise ValueError(f"fuse_lowlevel_ops of {ops_size} bytes is too small")
 
@@ -137,7 +145,7 @@ class PyfuseSession:
             return _ptr_at(ops_addr + 8 * _SLOTS[name]).value or 0
         if not (all(slot(n) for n in _SET) and not any(slot(n) for n in _UNSET)):
             raise ValueError("pyfuse3's fuse_ops does not have the expected layout")
-        session = _ptr_at(bias + syms["__pyx_v_7pyfuse3_session"][0]).value
+        session = _ptr_at(statics["session"][0]).value
         if not session:
             raise ValueError("no FUSE session (call after pyfuse3.init)")
         ops = ctypes.string_at(ops_addr, ops_size)

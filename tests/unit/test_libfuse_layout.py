@@ -60,3 +60,12 @@ def test_pyfuse3s_handler_result_static_is_found_and_holds_none():
     from blockfs._fuse_inline import InlineRequests
     addr = InlineRequests.locate()
     assert ctypes.c_void_p.from_address(addr).value == id(None)
+
+
+def test_a_pyfuse3_static_that_is_not_there_is_a_value_error():
+    """PyfuseSession.locate and InlineRequests.locate find pyfuse3's statics through one
+    lookup; a name pyfuse3 does not have stops it (the mount then runs without the hook)."""
+    found = _libfuse.pyfuse3_statics("session", "py_retval")
+    assert set(found) == {"session", "py_retval"} and all(a > 0 for a, _ in found.values())
+    with pytest.raises(ValueError, match="no_such_static"):
+        _libfuse.pyfuse3_statics("session", "no_such_static")
