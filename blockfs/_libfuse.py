@@ -523,7 +523,9 @@ class FastReads:
         """The replies deferred to the end of a batch of completions (bdev.CALLBACKS): each
         reply's writev lets the reader of the data preempt this process (fio, on the same
         core), so they go out in one tight loop after the batch's Python, then the requests
-        are freed."""
+        are freed. (Not `_reply` per request, which frees each between two writevs: the RAM
+        bdev's file 82.0K against 78.8K IOPS and fio 2.5 against 2.9 us per I/O, stop 20's
+        review.)"""
         pending = self._pending
         self._pending = []
         self.inflight -= len(pending)
