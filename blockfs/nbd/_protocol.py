@@ -48,7 +48,7 @@ __all__ = [
     "Info", "Cmd", "CmdFlag", "ReplyFlag", "ReplyType", "NbdErrno",
     "NbdError", "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
     "ExportInfo", "ListExports", "ExportRequest", "Negotiated", "Closed", "NEED_DATA",
-    "ServerHandshake", "RequestReader", "export_flags", "plain_reads_prefix", "validate_request",
+    "ServerHandshake", "RequestReader", "export_flags", "plain_reads", "validate_request",
     "nbd_errno",
     "simple_reply", "read_chunk_header", "error_chunk", "none_chunk",
     "MAX_BLOCK", "MAX_PAYLOAD", "MAX_OPTION_LENGTH", "MAX_STRING", "REQUEST_SIZE",
@@ -224,20 +224,22 @@ assert _ERROR_CHUNK.size == 26
 REQUEST_SIZE = _REQUEST.size
 
 
-def plain_reads_prefix(data, n: int, size: int, max_block: int) -> int:
-    """How many bytes at the start of `data[:n]` are whole plain READ requests (request magic,
-    no flags, 0 < length <= max_block, inside an export of `size` bytes): the requests a
-    server may take on its fast path, read without payloads. Stops at the first other one."""
-    m = 0
-    unpack = _REQUEST.unpack_from
+def plain_reads(data, n: int, size: int, max_block: int) -> list[tuple[int, int, int]]:
+    """The whole plain READ requests at the start of `data[:n]` (request magic, no flags,
+    0 < length <= max_block, inside an export of `size` bytes), as (handle, offset, length):
+    the requests a server may take on its fast path, parsed once, without payloads. Stops at
+    the first other one; the caller consumes len(result) * REQUEST_SIZE bytes."""
+    reads: list[tuple[int, int, int]] = []
     read = int(Cmd.READ)
-    while m + REQUEST_SIZE <= n:
-        magic, flags, cmd, _handle, offset, length = unpack(data, m)
+    for magic, flags, cmd, handle, offset, length in _REQUEST.iter_unpack(
+            memoryview(data)[:n - n % REQUEST_SIZE]):
         if (magic != REQUEST_MAGIC or flags or cmd != read or not 0 < length <= max_block
                 or offset + length > size):
             break
-        m += REQUEST_SIZE
-    return m
+        reads.append((handle, offset, length))
+    return reads
+
+
 _ZEROES_124 = bytes(124)
 _SUPPORTED_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 GREETING = _GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)

@@ -61,7 +61,7 @@ from ._protocol import (
     export_flags,
     nbd_errno,
     none_chunk,
-    plain_reads_prefix,
+    plain_reads,
     read_chunk_header,
     simple_reply,
     validate_request,
@@ -619,20 +619,17 @@ class _Transmission:
             n = sock.recv_into(peek, len(peek), socket.MSG_PEEK)
         except OSError:
             return          # BlockingIOError: nothing there; otherwise the reader finds out
-        m = plain_reads_prefix(peek, n, self.size, self.max_block)
-        if not m:
+        reads = plain_reads(peek, n, self.size, self.max_block)
+        if not reads:
             return
-        reader.commit(sock.recv_into(reader.get_buffer(), m))   # the peeked bytes: all there
+        sock.recv_into(peek, len(reads) * REQUEST_SIZE)     # the peeked bytes: all there
         POLL_IDLE.work_found()
-        self.taken_now += m // REQUEST_SIZE
-        while True:
-            req = reader.next_request()
-            if req is NEED_DATA:
-                return
-            _cmd, _flags, handle, offset, length, _payload = req
+        self.taken_now += len(reads)
+        read_nowait = self._read_nowait
+        for handle, offset, length in reads:
             self._inflight += 1
             self._inflight_bytes += length
-            if not self._read_nowait(handle, offset, length, length):
+            if not read_nowait(handle, offset, length, length):
                 self._add_work((_CMD_READ, 0, handle, offset, length, None, length))
 
     def _recycle(self, buf: memoryview) -> None:

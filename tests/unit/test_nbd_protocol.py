@@ -26,7 +26,7 @@ from blockfs.nbd._protocol import (
     export_flags,
     nbd_errno,
     none_chunk,
-    plain_reads_prefix,
+    plain_reads,
     read_chunk_header,
     simple_reply,
     validate_request,
@@ -392,19 +392,22 @@ def test_request_golden_parse():
     assert r.next_request() is NEED_DATA
 
 
-def test_plain_reads_prefix_stops_at_the_first_other_request():
+def test_plain_reads_stops_at_the_first_other_request():
     """The whole plain READs at the head of a buffer (what a server may take on its fast path
-    without a payload): no flags, 0 < length <= max_block, inside the export; a partial
-    header, a write, a flagged read, a zero-length or oversized or out-of-range one stop it."""
+    without a payload), parsed to (handle, offset, length): no flags, 0 < length <= max_block,
+    inside the export; a partial header, a write, a flagged read, a zero-length or oversized
+    or out-of-range one stop it."""
     reads = request(0, 1, 0, 4096) + request(0, 2, 8192, 512)
-    assert plain_reads_prefix(reads, len(reads), 1 << 20, 1 << 16) == 56
-    assert plain_reads_prefix(reads + reads[:27], 83, 1 << 20, 1 << 16) == 56
+    both = [(1, 0, 4096), (2, 8192, 512)]
+    assert plain_reads(reads, len(reads), 1 << 20, 1 << 16) == both
+    assert plain_reads(bytearray(reads + reads[:27]), 83, 1 << 20, 1 << 16) == both
+    assert plain_reads(reads, 55, 1 << 20, 1 << 16) == both[:1]   # only n bytes count
     for stop in (request(1, 3, 0, 4096), request(0, 3, 0, 4096, flags=1), request(0, 3, 0, 0),
                  request(0, 3, 0, 1 << 17), request(0, 3, (1 << 20) - 512, 1024),
                  b"\x00" * 4 + request(0, 3, 0, 512)[4:]):
         data = reads + stop + reads
-        assert plain_reads_prefix(data, len(data), 1 << 20, 1 << 16) == 56, stop
-    assert plain_reads_prefix(b"", 0, 1 << 20, 1 << 16) == 0
+        assert plain_reads(data, len(data), 1 << 20, 1 << 16) == both, stop
+    assert plain_reads(b"", 0, 1 << 20, 1 << 16) == []
 
 
 def test_request_reader_idle_only_with_nothing_half_read():
